@@ -1,0 +1,1 @@
+"""The wire protocol shared by the teacher server and the student trainer."""

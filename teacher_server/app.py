@@ -1,0 +1,91 @@
+"""The FastAPI app: lifespan builds the backend and the scheduler, routes stay thin.
+
+Routes live in `routes.py`, request plumbing (body decoding, content negotiation) in `deps.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from shared.protocol import ModelInfo
+from teacher_server.backends.base import Backend
+from teacher_server.deps import client_of
+from teacher_server.errors import install_error_handlers
+from teacher_server.metrics import Metrics
+from teacher_server.routes import router
+from teacher_server.scheduler import FairScheduler
+from teacher_server.sessions import SessionStore
+from teacher_server.settings import ServerSettings
+
+
+def build_backend(cfg: ServerSettings) -> Backend:
+    if cfg.backend == "hf":
+        from teacher_server.backends.hf import HFBackend
+
+        return HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, name=cfg.served_name,
+                         max_context=cfg.max_context)
+    raise ValueError(f"unknown backend {cfg.backend!r}")
+
+
+class Server:
+    """Everything the routes need, built once in the lifespan and stored on `app.state.server`."""
+
+    def __init__(self, cfg: ServerSettings, backend: Backend) -> None:
+        self.cfg, self.backend, self.metrics = cfg, backend, Metrics()
+        self.scheduler = FairScheduler(backend, cfg.max_queue, cfg.max_batch_tokens)
+        self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions, cfg.max_session_bytes)
+
+    def model_info(self) -> ModelInfo:
+        i, c = self.backend.info, self.cfg
+        return ModelInfo(model=i.name, backend=i.backend, vocab_size=i.vocab_size,
+                         tokenizer_fingerprint=i.tokenizer_fingerprint, max_context=i.max_context,
+                         max_top_k=min(c.max_top_k, i.vocab_size), full_logprobs=c.allow_full,
+                         max_full_values=c.max_full_values, max_sequences=c.max_sequences,
+                         max_tokens=c.max_tokens, dtype=i.dtype, device=i.device)
+
+    def refresh_gauges(self) -> None:
+        self.metrics.queue_depth.set(self.scheduler.depth)
+        self.metrics.active_sessions.set(len(self.sessions))
+        self.metrics.cache_bytes.set(self.sessions.nbytes)
+
+
+def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], Backend] = build_backend) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend = await asyncio.to_thread(backend_factory, cfg)
+        server = Server(cfg, backend)
+        server.scheduler.start()
+        app.state.server = server
+        try:
+            yield
+        finally:
+            await server.scheduler.stop()
+            backend.close()
+
+    app = FastAPI(title="TRB teacher server", version="0.1.0", lifespan=lifespan,
+                  description="Next-token logprobs of a frozen teacher LM, for on-policy distillation.")
+    app.state.server = None
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        server: Server | None = request.app.state.server
+        route = request.scope.get("route")
+        if server is not None and route is not None:
+            path = route.path
+            server.metrics.requests.labels(path, client_of(request), str(response.status_code)).inc()
+            server.metrics.latency.labels(path).observe(time.perf_counter() - started)
+            if response.status_code >= 400:
+                code = response.headers.get("x-error-code", str(response.status_code))
+                server.metrics.errors.labels(path, client_of(request), code).inc()
+        return response
+
+    app.include_router(router)
+    return app

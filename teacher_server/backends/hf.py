@@ -1,0 +1,160 @@
+"""The Hugging Face transformers backend: any causal LM, on CPU or GPU.
+
+Scoring right-pads the batch (causal attention makes right padding invisible to real positions);
+sessions left-pad the prompts and keep the model's KV cache, so one extend step costs one token of
+compute per row however long the prefix is. Log-softmax always runs in float32.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import ScoreRequest, SequenceScores
+from teacher_server.backends.base import Backend, BackendInfo, SessionState, StepArrays, topk_with_tail
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOGIT_BUDGET = 1 << 27  # floats of float32 logits held at once per forward chunk (512 MB)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+@dataclass
+class HFSession(SessionState):
+    cache: object  # transformers Cache
+    mask_B_S: torch.Tensor  # attention mask over every cached column (left pad + holes)
+    next_pos_B: torch.Tensor  # position id of each row's next real token
+    lengths: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total + self.mask_B_S.numel() * self.mask_B_S.element_size()
+
+
+class HFBackend(Backend):
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", name: str | None = None,
+                 max_context: int | None = None) -> None:
+        torch_dtype = "auto" if dtype == "auto" else _DTYPES[dtype]
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        # transformers >= 5.2x names the KV-cache argument `cache`; older releases `past_key_values`.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        self.info = BackendInfo(
+            name=name or model, backend="hf", vocab_size=int(vocab),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            max_context=int(min(max_context or limit, limit)),
+            dtype=str(self.model.dtype).removeprefix("torch."), device=str(self.device),
+        )
+
+    # ---- scoring -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
+        flat = [(seq, s) for req in requests for seq, s in zip(req.sequences, req.starts(), strict=True)]
+        logprobs = self._position_logprobs(flat)  # one (n_i, V) float32 tensor per sequence
+        out, i = [], 0
+        for req in requests:
+            rows = []
+            for seq, start in zip(req.sequences, req.starts(), strict=True):
+                rows.append(self._sequence_scores(logprobs[i], seq, start, req))
+                i += 1
+            out.append(rows)
+        return out
+
+    def _position_logprobs(self, flat: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        """Float32 log-softmax at positions start..L-1 of each sequence, in bounded chunks."""
+        vocab = self.info.vocab_size
+        order = sorted(range(len(flat)), key=lambda j: len(flat[j][0]))
+        result: list[torch.Tensor | None] = [None] * len(flat)
+        chunk: list[int] = []
+        for j in order + [None]:
+            if j is not None:
+                width = len(flat[j][0])
+                if not chunk or (len(chunk) + 1) * width * vocab <= _LOGIT_BUDGET:
+                    chunk.append(j)
+                    continue
+            if chunk:
+                for idx, lp in zip(chunk, self._forward_chunk([flat[c] for c in chunk]), strict=True):
+                    result[idx] = lp
+            chunk = [j] if j is not None else []
+        return result  # type: ignore[return-value]
+
+    def _forward_chunk(self, items: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        width = max(len(seq) for seq, _ in items)
+        ids_B_T = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask_B_T = torch.zeros((len(items), width), dtype=torch.long)
+        for b, (seq, _) in enumerate(items):
+            ids_B_T[b, : len(seq)] = torch.tensor(seq)
+            mask_B_T[b, : len(seq)] = 1
+        logits = self.model(input_ids=ids_B_T.to(self.device), attention_mask=mask_B_T.to(self.device),
+                            use_cache=False).logits
+        return [logits[b, start : len(seq)].float().log_softmax(-1) for b, (seq, start) in enumerate(items)]
+
+    def _sequence_scores(self, lp_N_V: torch.Tensor, seq: list[int], start: int, req: ScoreRequest) -> SequenceScores:
+        top_ids, top_lp, tail = topk_with_tail(lp_N_V, req.top_k)
+        nxt = torch.tensor(seq[start + 1 :], dtype=torch.long, device=lp_N_V.device)
+        next_lp = lp_N_V[: len(nxt)].gather(-1, nxt[:, None]).squeeze(-1)
+        token_lp = None
+        if req.token_ids is not None:
+            token_lp = _np(lp_N_V[:, torch.tensor(req.token_ids, dtype=torch.long, device=lp_N_V.device)])
+        return SequenceScores(
+            start=start, top_ids=_np(top_ids.int()), top_logprobs=_np(top_lp), tail_logprob=_np(tail),
+            next_token_logprobs=_np(next_lp), token_logprobs=token_lp,
+            logprobs=_np(lp_N_V) if req.full else None,
+        )
+
+    # ---- sessions ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[HFSession, StepArrays]:
+        width = max(len(s) for s in sequences)
+        ids_B_T = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask_B_T = torch.zeros((len(sequences), width), dtype=torch.long)
+        for b, seq in enumerate(sequences):  # left padding: every row's last token is in the last column
+            ids_B_T[b, width - len(seq) :] = torch.tensor(seq)
+            mask_B_T[b, width - len(seq) :] = 1
+        pos_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+        state = HFSession(cache=None, mask_B_S=mask_B_T.to(self.device),
+                          next_pos_B=pos_B_T[:, -1].to(self.device) + 1, lengths=[len(s) for s in sequences])
+        step = self._step(state, ids_B_T.to(self.device), mask_B_T.to(self.device), pos_B_T.to(self.device),
+                          list(range(len(sequences))), top_k, fresh=True)
+        return state, step
+
+    @torch.inference_mode()
+    def extend_session(self, state: HFSession, rows: list[int], tokens: list[list[int]], top_k: int) -> StepArrays:
+        batch, width = state.mask_B_S.shape[0], max(len(t) for t in tokens)
+        ids_B_M = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        new_mask_B_M = torch.zeros((batch, width), dtype=torch.long)
+        for row, toks in zip(rows, tokens, strict=True):  # right-aligned, so the last column is real
+            ids_B_M[row, width - len(toks) :] = torch.tensor(toks)
+            new_mask_B_M[row, width - len(toks) :] = 1
+            state.lengths[row] += len(toks)
+        new_mask_B_M = new_mask_B_M.to(self.device)
+        pos_B_M = (state.next_pos_B[:, None] + new_mask_B_M.cumsum(-1) - 1).clamp(min=0)
+        state.next_pos_B = state.next_pos_B + new_mask_B_M.sum(-1)
+        state.mask_B_S = torch.cat([state.mask_B_S, new_mask_B_M], dim=1)
+        return self._step(state, ids_B_M.to(self.device), state.mask_B_S, pos_B_M, rows, top_k, fresh=False)
+
+    def _step(self, state: HFSession, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+              rows: list[int], top_k: int, fresh: bool) -> StepArrays:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self._cache_kw: None if fresh else state.cache})
+        state.cache = getattr(out, self._cache_kw)
+        lp_R_V = out.logits[rows, -1].float().log_softmax(-1)
+        top_ids, top_lp, tail = topk_with_tail(lp_R_V, top_k)
+        return StepArrays(top_ids=_np(top_ids.int()), top_logprobs=_np(top_lp), tail_logprob=_np(tail))

@@ -1,0 +1,58 @@
+"""`trb-teacher serve --model PATH --backend hf --host 127.0.0.1 --port 8000`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+from teacher_server.settings import ServerSettings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trb-teacher", description="Teacher logit server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="Serve a teacher model over HTTP.")
+    serve.add_argument("--model", required=True, help="Local path or hub id of a causal LM.")
+    serve.add_argument("--backend", default="hf", choices=["hf"])
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    serve.add_argument("--served-name", default=None, help="Name reported in /v1/model.")
+    serve.add_argument("--max-top-k", type=int, default=None)
+    serve.add_argument("--max-context", type=int, default=None)
+    serve.add_argument("--allow-full", action="store_true", default=None,
+                       help="Allow full-vocabulary logprobs (under --max-full-values).")
+    serve.add_argument("--max-full-values", type=int, default=None)
+    serve.add_argument("--session-ttl", type=float, default=None, dest="session_ttl_s")
+    serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in ("command", "host", "port", "log_level")}
+    try:
+        cfg = ServerSettings(**overrides)
+    except ValidationError as exc:
+        sys.exit(f"trb-teacher: bad settings:\n{exc}")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import uvicorn
+
+    from teacher_server.app import create_app
+
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

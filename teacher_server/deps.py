@@ -1,0 +1,82 @@
+"""Request plumbing shared by the routes: body decoding, content negotiation, the server handle."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+from fastapi import Request, Response
+from pydantic import BaseModel, ValidationError
+
+from shared import codec
+from shared.protocol import ErrorCode, ErrorResponse, float_dtype
+from teacher_server.errors import ApiError, from_validation_error
+from teacher_server.scheduler import Overloaded
+
+if TYPE_CHECKING:
+    from teacher_server.app import Server
+
+M = TypeVar("M", bound=BaseModel)
+MAX_CLIENT_LABEL = 64
+
+
+def client_of(request: Request) -> str:
+    return (request.headers.get("x-client-id") or "anonymous")[:MAX_CLIENT_LABEL]
+
+
+async def parse_body(request: Request, model_type: type[M]) -> M:
+    """Decode a JSON or msgpack body into `model_type`, answering 4xx on anything malformed."""
+    media = codec.media_type_of(request.headers.get("content-type"))
+    if media is None:
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                       f"Content-Type must be {codec.JSON} or {codec.MSGPACK}")
+    body = await request.body()
+    try:
+        return codec.decode(body, model_type, media)
+    except codec.CodecError as exc:
+        raise ApiError(400, ErrorCode.MALFORMED_BODY, str(exc)) from exc
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+def respond(request: Request, model: BaseModel) -> Response:
+    """Encode with msgpack when the client accepts it, JSON otherwise."""
+    accept = request.headers.get("accept", "")
+    media = codec.MSGPACK if "msgpack" in accept else codec.JSON
+    return Response(codec.encode(model, media), media_type=media)
+
+
+def cast_floats(model: M, dtype_name: str) -> M:
+    """Cast every float array of a response to the requested dtype (float16 halves the bytes)."""
+    dtype = float_dtype(dtype_name)  # type: ignore[arg-type]
+    finfo = np.finfo(dtype)
+    for name, value in model:
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            clean = np.nan_to_num(value, nan=np.nan, neginf=finfo.min, posinf=finfo.max)
+            setattr(model, name, clean.astype(dtype, copy=False))
+    return model
+
+
+def body_doc(model_type: type[BaseModel], description: str) -> dict[str, Any]:
+    """OpenAPI description of a request body accepted as JSON or msgpack."""
+    schema = model_type.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "description": description, "content": {
+        codec.JSON: {"schema": schema}, codec.MSGPACK: {"schema": schema}}}}
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)}
+
+
+def get_server(request: Request) -> Server:
+    server: Server | None = request.app.state.server
+    if server is None:
+        raise ApiError(503, ErrorCode.NOT_READY, "the model is still loading", headers={"Retry-After": "1"})
+    return server
+
+
+async def run_queued(server: Server, coro: Any) -> Any:
+    """Await a scheduler call, turning a full queue into 503 + Retry-After."""
+    try:
+        return await coro
+    except Overloaded as exc:
+        raise ApiError(503, ErrorCode.OVERLOADED, str(exc), headers={"Retry-After": "1"}) from exc

@@ -1,0 +1,30 @@
+"""Server settings, from CLI flags or TRB_TEACHER_* environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRB_TEACHER_", extra="forbid")
+
+    model: str = Field(description="Local path or hub id of the teacher (a causal LM).")
+    backend: Literal["hf"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    served_name: str | None = None
+    max_top_k: int = 100
+    max_context: int | None = None
+    max_sequences: int = 256
+    max_tokens: int = 65536
+    allow_full: bool = False
+    max_full_values: int = 16_000_000
+    max_queue: int = 256
+    max_batch_tokens: int = 16384
+    session_ttl_s: float = 600.0
+    max_sessions: int = 256
+    max_session_bytes: int = 2 << 30
+    threads: int | None = None
