@@ -1,0 +1,106 @@
+"""The arithmetic task: generator determinism, split hygiene, verifier, tokenizer."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from student_trainer.tasks.arithmetic import (
+    Problem,
+    extract_answer,
+    generate,
+    make_problem,
+    split_of,
+    verify,
+)
+from student_trainer.tasks.tokenizer import build_tokenizer
+
+
+def test_generate_is_deterministic_and_seed_dependent() -> None:
+    assert generate(50, seed=3, split="train") == generate(50, seed=3, split="train")
+    assert generate(50, seed=3, split="train") != generate(50, seed=4, split="train")
+
+
+def test_problems_are_distinct_and_in_their_split() -> None:
+    for split in ("train", "test"):
+        problems = generate(300, seed=0, split=split)
+        assert len({p.prompt for p in problems}) == 300
+        assert all(split_of(p.prompt) == split for p in problems)
+
+
+def test_train_and_test_never_share_a_prompt() -> None:
+    train = {p.prompt for p in generate(3000, seed=0, split="train")}
+    test = {p.prompt for p in generate(300, seed=0, split="test")}
+    assert not train & test
+
+
+def test_difficulty_knobs_are_respected() -> None:
+    problems = generate(200, seed=1, split="train", digits=3, min_operands=3, max_operands=3, operators="+")
+    for p in problems:
+        numbers = p.prompt.strip().split("+")
+        assert len(numbers) == 3 and all(1 <= len(n) <= 3 for n in numbers)
+
+
+def test_reference_solution_is_correct_arithmetic() -> None:
+    for p in generate(300, seed=2, split="train"):
+        assert int(p.answer) == eval(p.prompt)  # noqa: S307 - digits and + - * only
+        assert p.solution.endswith(f"#### {p.answer}")
+        for line in p.solution.splitlines()[:-1]:
+            assert line.startswith("=") and eval(line[1:]) == int(p.answer)  # noqa: S307
+
+
+def test_worked_example_format() -> None:
+    p = make_problem("48-3*7+15")
+    assert p == Problem(prompt="48-3*7+15\n", solution="=48-21+15\n=27+15\n#### 42", answer="42")
+    assert make_problem("3-8+20") is None  # negative intermediate is excluded
+
+
+def test_verify_accepts_reference_and_rejects_wrong_answer() -> None:
+    for p in generate(100, seed=5, split="test"):
+        assert verify(p.solution, p)
+        wrong = p.solution.rsplit("#### ", 1)[0] + f"#### {int(p.answer) + 1}"
+        assert not verify(wrong, p)
+
+
+def test_extract_answer_edge_cases() -> None:
+    assert extract_answer("=5+6\n#### 11") == "11"
+    assert extract_answer("#### 11\n\n") == "11"
+    assert extract_answer("####11") == "11"
+    assert extract_answer("#### 007") == "7"
+    assert extract_answer("#### -4") == "-4"
+    assert extract_answer("#### 12\n#### 13") == "13"
+    assert extract_answer("") is None
+    assert extract_answer("=5+6\n") is None  # stopped before answering
+    assert extract_answer("#### 11\n=3") is None  # wandered on after the answer
+    assert extract_answer("#### 1a") is None
+    assert extract_answer("x #### 11") is None
+
+
+def test_tokenizer_round_trip_and_clean_concatenation() -> None:
+    tok = build_tokenizer()
+    for p in generate(50, seed=0, split="train"):
+        ids = tok.encode(p.prompt + p.solution, add_special_tokens=False)
+        assert ids == tok.encode(p.prompt, add_special_tokens=False) + tok.encode(p.solution, add_special_tokens=False)
+        assert len(ids) == len(p.prompt + p.solution)
+        assert tok.decode(ids) == p.prompt + p.solution
+    assert tok.pad_token_id == 0 and tok.unk_token_id not in tok.encode("12+3\n#### 15")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet="0123456789+-*=# \nabcXYZ", max_size=40))
+def test_tokenizer_is_one_token_per_character(text: str) -> None:
+    tok = build_tokenizer()
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+def test_tokenizer_save_and_load_with_autotokenizer(tmp_path) -> None:
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "12+3*4\n=12+12\n#### 24"
+    assert loaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    assert (loaded.pad_token, loaded.eos_token, loaded.bos_token) == ("<pad>", "<eos>", "<bos>")
+    assert loaded.padding_side == "left"
+    assert loaded.decode(loaded.encode(text) + [loaded.eos_token_id], skip_special_tokens=True) == text
