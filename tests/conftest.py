@@ -28,8 +28,8 @@ def free_port() -> int:
 class ServerProcess:
     """`trb-teacher serve` in a subprocess; `url` once /ready answers."""
 
-    def __init__(self, model: Path, *extra: str, log: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, model: Path, *extra: str, log: Path | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(model), "--host",
                "127.0.0.1", "--port", str(self.port), "--threads", "1", "--log-level", "warning", *extra]

@@ -1,0 +1,88 @@
+"""Fair round-robin service and request batching in the model worker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from shared.protocol import ScoreRequest
+from teacher_server.backends.hf import HFBackend
+from teacher_server.scheduler import FairScheduler, Overloaded
+
+
+class CountingBackend(HFBackend):
+    """The real backend, counting how many forward batches it ran."""
+
+    calls: list[int]
+
+    def score(self, requests):  # type: ignore[no-untyped-def]
+        self.calls.append(len(requests))
+        return super().score(requests)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> CountingBackend:
+    b = CountingBackend(str(tiny_model))
+    b.calls = []
+    return b
+
+
+async def _blocked(scheduler: FairScheduler) -> tuple[threading.Event, asyncio.Task]:
+    """Occupy the worker so that everything submitted next queues up."""
+    gate = threading.Event()
+    task = asyncio.create_task(scheduler.call("blocker", gate.wait))
+    while not scheduler.busy:
+        await asyncio.sleep(0.01)
+    return gate, task
+
+
+async def test_light_client_is_not_starved(backend: CountingBackend) -> None:
+    scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=3)  # no batching: one job per turn
+    scheduler.start()
+    gate, blocker = await _blocked(scheduler)
+    done: list[str] = []
+
+    async def job(client: str) -> None:
+        await scheduler.score(client, ScoreRequest(sequences=[[1, 2, 3]], top_k=2))
+        done.append(client)
+
+    tasks = [asyncio.create_task(job("heavy")) for _ in range(10)]
+    await asyncio.sleep(0.05)
+    tasks.append(asyncio.create_task(job("light")))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(blocker, *tasks)
+    await scheduler.stop()
+    assert done.index("light") <= 1, done  # served in its first turn, not after ten heavy requests
+
+
+async def test_compatible_requests_share_one_forward(backend: CountingBackend) -> None:
+    scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=10_000)
+    scheduler.start()
+    gate, blocker = await _blocked(scheduler)
+    backend.calls.clear()
+    reqs = [ScoreRequest(sequences=[[1, 2, 3 + i]], top_k=1 + i) for i in range(6)]
+    tasks = [asyncio.create_task(scheduler.score(f"c{i % 3}", r)) for i, r in enumerate(reqs)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    await blocker
+    await scheduler.stop()
+    assert backend.calls == [6]
+    assert [r[0].top_ids.shape[1] for r in results] == [1, 2, 3, 4, 5, 6]  # each got its own top_k
+
+
+async def test_full_queue_is_refused(backend: CountingBackend) -> None:
+    scheduler = FairScheduler(backend, max_queue=2, max_batch_tokens=10)
+    scheduler.start()
+    gate, blocker = await _blocked(scheduler)
+    queued = [asyncio.create_task(scheduler.score("a", ScoreRequest(sequences=[[1]]))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await scheduler.score("b", ScoreRequest(sequences=[[1]]))
+    gate.set()
+    await asyncio.gather(blocker, *queued)
+    await scheduler.stop()
