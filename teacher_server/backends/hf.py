@@ -7,14 +7,12 @@ compute per row however long the prefix is. Log-softmax always runs in float32.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.fingerprint import tokenizer_fingerprint
+from shared.kv_decode import KVDecoder
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, BackendInfo, SessionState, StepArrays, topk_with_tail
 
@@ -26,22 +24,19 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-@dataclass
 class HFSession(SessionState):
-    cache: object  # transformers Cache
-    mask_B_S: torch.Tensor  # attention mask over every cached column (left pad + holes)
-    next_pos_B: torch.Tensor  # position id of each row's next real token
-    lengths: list[int]
+    """A session is a KV decoder over the session's rows."""
+
+    def __init__(self, decoder: KVDecoder) -> None:
+        self.decoder = decoder
+
+    @property
+    def lengths(self) -> list[int]:  # type: ignore[override]
+        return self.decoder.lengths
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total + self.mask_B_S.numel() * self.mask_B_S.element_size()
+        return self.decoder.nbytes
 
 
 class HFBackend(Backend):
@@ -53,8 +48,6 @@ class HFBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        # transformers >= 5.2x names the KV-cache argument `cache`; older releases `past_key_values`.
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.info = BackendInfo(
             name=name or model, backend="hf", vocab_size=int(vocab),
@@ -120,41 +113,14 @@ class HFBackend(Backend):
         )
 
     # ---- sessions ------------------------------------------------------------------------
-    @torch.inference_mode()
     def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[HFSession, StepArrays]:
-        width = max(len(s) for s in sequences)
-        ids_B_T = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask_B_T = torch.zeros((len(sequences), width), dtype=torch.long)
-        for b, seq in enumerate(sequences):  # left padding: every row's last token is in the last column
-            ids_B_T[b, width - len(seq) :] = torch.tensor(seq)
-            mask_B_T[b, width - len(seq) :] = 1
-        pos_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-        state = HFSession(cache=None, mask_B_S=mask_B_T.to(self.device),
-                          next_pos_B=pos_B_T[:, -1].to(self.device) + 1, lengths=[len(s) for s in sequences])
-        step = self._step(state, ids_B_T.to(self.device), mask_B_T.to(self.device), pos_B_T.to(self.device),
-                          list(range(len(sequences))), top_k, fresh=True)
-        return state, step
+        session = HFSession(KVDecoder(self.model, self.pad_id))
+        return session, self._top(session.decoder.prefill(sequences), top_k)
 
-    @torch.inference_mode()
     def extend_session(self, state: HFSession, rows: list[int], tokens: list[list[int]], top_k: int) -> StepArrays:
-        batch, width = state.mask_B_S.shape[0], max(len(t) for t in tokens)
-        ids_B_M = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        new_mask_B_M = torch.zeros((batch, width), dtype=torch.long)
-        for row, toks in zip(rows, tokens, strict=True):  # right-aligned, so the last column is real
-            ids_B_M[row, width - len(toks) :] = torch.tensor(toks)
-            new_mask_B_M[row, width - len(toks) :] = 1
-            state.lengths[row] += len(toks)
-        new_mask_B_M = new_mask_B_M.to(self.device)
-        pos_B_M = (state.next_pos_B[:, None] + new_mask_B_M.cumsum(-1) - 1).clamp(min=0)
-        state.next_pos_B = state.next_pos_B + new_mask_B_M.sum(-1)
-        state.mask_B_S = torch.cat([state.mask_B_S, new_mask_B_M], dim=1)
-        return self._step(state, ids_B_M.to(self.device), state.mask_B_S, pos_B_M, rows, top_k, fresh=False)
+        return self._top(state.decoder.extend(rows, tokens), top_k)
 
-    def _step(self, state: HFSession, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-              rows: list[int], top_k: int, fresh: bool) -> StepArrays:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         **{self._cache_kw: None if fresh else state.cache})
-        state.cache = getattr(out, self._cache_kw)
-        lp_R_V = out.logits[rows, -1].float().log_softmax(-1)
-        top_ids, top_lp, tail = topk_with_tail(lp_R_V, top_k)
+    @staticmethod
+    def _top(logits_R_V: torch.Tensor, top_k: int) -> StepArrays:
+        top_ids, top_lp, tail = topk_with_tail(logits_R_V.float().log_softmax(-1), top_k)
         return StepArrays(top_ids=_np(top_ids.int()), top_logprobs=_np(top_lp), tail_logprob=_np(tail))

@@ -1,4 +1,4 @@
-"""Async client of the teacher server, used by the trainer: msgpack on the wire, torch tensors out.
+"""Async client of the teacher server: msgpack on the wire, `TeacherTopK` tensors out.
 
 It retries what is safe to retry (connection errors, 503 and 429, honouring Retry-After), and it
 keeps every session's full prefixes so a session lost to a restart, an eviction or a TTL is
@@ -23,6 +23,7 @@ from shared import codec
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import (ErrorCode, LogprobDtype, ModelInfo, ScoreRequest, ScoreResponse,
                              SessionCreateRequest, SessionExtendRequest, SessionStep)
+from student_trainer.topk import TeacherTopK
 
 _RETRY_STATUS = {429, 502, 503, 504}
 _TRANSPORT_ERRORS = (httpx.TransportError,)
@@ -42,20 +43,11 @@ class TokenizerMismatch(TeacherError):
 
 
 @dataclass
-class TopK:
-    """Teacher next-token top-k at N prefixes (float32 on the CPU)."""
-
-    ids: torch.Tensor  # (N, K) long
-    logprobs: torch.Tensor  # (N, K)
-    tail_logprob: torch.Tensor  # (N,) log of the mass outside the top-k
-
-
-@dataclass
 class ScoredSequence:
     """Positions start..L-1 of one sequence; row i is the distribution after ids[:start+i+1]."""
 
     start: int
-    topk: TopK
+    topk: TeacherTopK
     next_token_logprobs: torch.Tensor  # (n-1,)
     token_logprobs: torch.Tensor | None  # (n, m)
     logprobs: torch.Tensor | None  # (n, V)
@@ -65,8 +57,8 @@ def _tensor(arr: np.ndarray | None, dtype: torch.dtype = torch.float32) -> torch
     return None if arr is None else torch.from_numpy(np.array(arr)).to(dtype)
 
 
-def _topk(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray) -> TopK:
-    return TopK(_tensor(ids, torch.long), _tensor(lps), _tensor(tail))  # type: ignore[arg-type]
+def _topk(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray) -> TeacherTopK:
+    return TeacherTopK(_tensor(ids, torch.long), _tensor(lps), _tensor(tail))  # type: ignore[arg-type]
 
 
 class TeacherClient:
@@ -182,10 +174,10 @@ class TeacherSession:
     def __init__(self, client: TeacherClient, prefixes: list[list[int]], top_k: int) -> None:
         self.client, self.prefixes, self.top_k = client, prefixes, top_k
         self.session_id: str | None = None
-        self.first: TopK | None = None
+        self.first: TeacherTopK | None = None
         self.rebuilds = 0
 
-    async def open(self) -> TopK:
+    async def open(self) -> TeacherTopK:
         """(Re)create the session from the full prefixes; returns every row's next-token top-k."""
         req = SessionCreateRequest(sequences=self.prefixes, top_k=self.top_k)
         for attempt in range(self.client.retries + 1):
@@ -200,7 +192,7 @@ class TeacherSession:
         self.first = _topk(step.top_ids, step.top_logprobs, step.tail_logprob)
         return self.first
 
-    async def extend(self, tokens: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> TopK:
+    async def extend(self, tokens: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> TeacherTopK:
         """Append tokens to `rows` (default all) and return those rows' next-token top-k, in order."""
         rows = list(range(len(self.prefixes))) if rows is None else list(rows)
         tokens = [list(map(int, t)) for t in tokens]
@@ -217,7 +209,7 @@ class TeacherSession:
         self.rebuilds += 1  # lost, expired, or out of step with our prefixes: start again from them
         full = await self.open()
         index = torch.tensor(rows, dtype=torch.long)
-        return TopK(full.ids[index], full.logprobs[index], full.tail_logprob[index])
+        return TeacherTopK(full.ids[index], full.logprobs[index], full.tail_logprob[index])
 
     async def close(self) -> None:
         if self.session_id is None:

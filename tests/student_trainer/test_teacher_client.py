@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import ServerProcess
-from shared.client import TeacherClient, TeacherError, TokenizerMismatch
+from student_trainer.teacher_client import TeacherClient, TeacherError, TokenizerMismatch
 from tiny_model import make_tokenizer
 
 

@@ -1,0 +1,134 @@
+"""The run configuration: pydantic models read from YAML, with `--set key=value` overrides.
+
+Every section forbids unknown keys, so a typo fails before any work with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudentCfg(_Section):
+    path: str = Field(description="Student checkpoint (local path or hub id); its tokenizer must match the teacher's.")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+
+
+class TeacherCfg(_Section):
+    url: str | None = Field(None, description="Running teacher server; None starts one locally.")
+    model: str | None = Field(None, description="Teacher model for the local server (when url is None).")
+    top_k: int = Field(20, ge=1)
+    api_key: str | None = None
+    timeout_s: float = 120.0
+    threads: int | None = Field(None, description="torch threads of the local teacher server.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherCfg:
+        if self.url is None and self.model is None:
+            raise ValueError("teacher: set teacher.url (a running server) or teacher.model (start one locally)")
+        return self
+
+
+class MethodCfg(_Section):
+    name: Method = "trb"
+    eps0: float = Field(0.1, ge=0, description="Initial KL budget (nats per token) for trb / fixed_eps.")
+    horizon: int = Field(100, ge=0, description="Warmup length K in optimizer steps (trb anneal, sft_warmup).")
+    schedule: Literal["linear", "cosine"] = Field("linear", description="Anneal shape of the trb budget.")
+    skd_top_k: int = Field(5, ge=1, description="SKD keeps a student token inside the teacher's top-K.")
+
+
+class DataCfg(_Section):
+    task: Literal["arithmetic"] = "arithmetic"
+    seed: int = 0
+    difficulty: dict[str, Any] = Field(default_factory=dict, description="Task generator knobs.")
+    eval_size: int = Field(200, ge=1)
+    probe_size: int = Field(32, ge=1, description="Fixed prompts+solutions for the KL probe.")
+
+
+class OptimCfg(_Section):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size must divide).")
+
+
+class TrainCfg(_Section):
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Prompts per optimizer step (one rollout each).")
+    max_new_tokens: int = Field(64, ge=1)
+    seed: int = 0
+    eval_every: int = Field(25, ge=0, description="0 disables periodic eval (eval still runs at start and end).")
+    save_every: int = Field(50, ge=0, description="0 saves only at the end.")
+    keep_checkpoints: int = Field(2, ge=1)
+    out_dir: str = "runs/trb"
+    threads: int | None = Field(None, description="torch threads of the trainer.")
+    progress: bool = True
+    max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite steps before the run stops.")
+
+
+class Config(_Section):
+    student: StudentCfg
+    teacher: TeacherCfg
+    method: MethodCfg = MethodCfg()
+    data: DataCfg = DataCfg()
+    optim: OptimCfg = OptimCfg()
+    train: TrainCfg = TrainCfg()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.train.batch_size % self.optim.accum_steps:
+            raise ValueError(f"optim.accum_steps: {self.optim.accum_steps} does not divide "
+                             f"train.batch_size={self.train.batch_size}")
+        if self.method.name == "skd" and self.method.skd_top_k > self.teacher.top_k:
+            raise ValueError(f"method.skd_top_k: {self.method.skd_top_k} exceeds teacher.top_k={self.teacher.top_k}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A bad config, with the dotted key at fault in the message."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> Config:
+    """YAML file, then `key.sub=value` overrides (values parsed as YAML), validated once."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.steps=10")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("bad config:\n" + "\n".join(lines)) from exc
