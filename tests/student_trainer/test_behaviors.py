@@ -68,6 +68,9 @@ def test_sampled_frequencies_match_mu(name):
     g = torch.Generator().manual_seed(123)
     tokens, diag = behavior.sample(*repeat(s_logits, topk, DRAWS), eps, g)
     assert chi_square_ok(tokens, mu)
+    p_s = s_logits[0].double().softmax(-1)
+    realised = torch.where(mu > 0, mu * (mu / p_s).log(), 0.0).sum()  # KL(μ || π_S) by hand
+    assert diag.kl_to_student[0].item() == pytest.approx(realised.item(), abs=1e-5)
     assert diag.beta.shape == diag.kl_to_student.shape == diag.teacher_logprob.shape == (DRAWS,)
     if name != "opd":  # the tests would catch a student-only sampler
         assert not chi_square_ok(tokens, s_logits[0].softmax(-1))

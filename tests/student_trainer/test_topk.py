@@ -175,3 +175,10 @@ def test_full_vocab_topk_has_floored_tail():
     topk = TeacherTopK(ids, lp)
     assert (student_tail(s_logp, ids) == TAIL_LOG_FLOOR).all()
     assert topk_reverse_kl(s_logp, topk).abs().max() < 1e-12
+
+
+def test_int32_ids_from_the_wire_are_accepted():
+    s_logp, _, topk = make_case(seed=5)
+    wire = TeacherTopK(topk.ids.int(), topk.logprobs.float())
+    assert wire.ids.dtype == torch.long
+    assert torch.allclose(topk_reverse_kl(s_logp, wire), topk_reverse_kl(s_logp, topk), atol=1e-6)

@@ -1,0 +1,103 @@
+"""Geometric blending of student and teacher, and the β that keeps the blend inside the KL ball.
+
+TRB samples from `μ_β ∝ π_S^(1−β) · π_T^β` with the largest β in [0, 1] such that
+`KL(μ_β || π_S) <= ε` (docs/trb-method.md §3). Everything here works on log-probability vectors
+along the last dimension, so the same code serves the full vocabulary and the (k+1)-category
+top-k form of §5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Finite stand-in for log 0. With -inf, `(1−β)·log π_S + β·log π_T` meets 0·∞ at β ∈ {0, 1}
+# and ∞−∞ in `log π_T − log π_S`; -1e4 is still exp-underflow zero in every float type.
+LOG_FLOOR = -1.0e4
+
+# Below this many categories the solver runs in float64: cheap, and it keeps tiny budgets exact.
+FLOAT64_MAX_CATEGORIES = 4096
+
+
+def blend_logp(
+    student_logp_N_C: torch.Tensor, teacher_logp_N_C: torch.Tensor, beta_N: torch.Tensor
+) -> torch.Tensor:
+    """Log-probs of μ_β ∝ π_S^(1−β) π_T^β, one β per row; β=0 gives π_S and β=1 gives π_T."""
+    s = student_logp_N_C.clamp_min(LOG_FLOOR)
+    t = teacher_logp_N_C.clamp_min(LOG_FLOOR)
+    mixed_N_C = s + beta_N.to(s.dtype).unsqueeze(-1) * (t - s)
+    return mixed_N_C - mixed_N_C.logsumexp(-1, keepdim=True)
+
+
+def kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) along the last dim, with 0·log 0 = 0 (and a gradient free of 0·∞ NaNs)."""
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    return (p * diff).sum(-1)
+
+
+def kl_to_student(
+    student_logp_N_C: torch.Tensor, teacher_logp_N_C: torch.Tensor, beta_N: torch.Tensor
+) -> torch.Tensor:
+    """KL(μ_β || π_S) per row: the quantity the trust region bounds."""
+    mix_N_C = blend_logp(student_logp_N_C, teacher_logp_N_C, beta_N)
+    return kl(mix_N_C, student_logp_N_C.clamp_min(LOG_FLOOR))
+
+
+def _kl_closed_form(s_N_C: torch.Tensor, r_N_C: torch.Tensor, beta_N: torch.Tensor) -> torch.Tensor:
+    # KL(μ_β || π_S) = β·E_μβ[r] − log E_πS[e^{βr}] with r = log π_T − log π_S:
+    # half the passes of `kl`, which matters inside the bisection loop.
+    mixed_N_C = s_N_C + beta_N.unsqueeze(-1) * r_N_C
+    log_z_N = mixed_N_C.logsumexp(-1)
+    mu_N_C = (mixed_N_C - log_z_N.unsqueeze(-1)).exp()
+    return beta_N * (mu_N_C * r_N_C).sum(-1) - log_z_N
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.shape[-1] <= FLOAT64_MAX_CATEGORIES:
+        return torch.float64
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@torch.no_grad()
+def solve_beta(
+    student_logp_N_C: torch.Tensor,
+    teacher_logp_N_C: torch.Tensor,
+    eps: float | torch.Tensor,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """Largest β in [0, 1] with KL(μ_β || π_S) <= ε, per row, by vectorised bisection.
+
+    KL(μ_β || π_S) is nondecreasing in β (its derivative is β·Var_μβ[log π_T − log π_S]), so
+    bisection on the feasibility test is exact up to `tol`. The lower bracket is returned, so a
+    row is never over budget (up to the rounding of the KL evaluation). β=1 when the teacher is
+    already inside the ball; ε <= 0 gives β=0 exactly, so the rollout is the pure student.
+    Inputs are log-probs (renormalised here, so unnormalised logits also work). Returns (N,)
+    in float32 or wider.
+
+    Args:
+        student_logp_N_C: log π_S over C categories (full vocabulary or the k+1 top-k form).
+        teacher_logp_N_C: log π_T over the same categories.
+        eps: budget ε, a float or a per-row (N,) tensor.
+        tol: width of the final bracket in β.
+    """
+    dtype = _compute_dtype(student_logp_N_C)
+    s = student_logp_N_C.to(dtype).log_softmax(-1).clamp_min(LOG_FLOOR)  # (N, C)
+    t = teacher_logp_N_C.to(dtype).log_softmax(-1).clamp_min(LOG_FLOOR)  # (N, C)
+    n_rows = s.shape[0]
+    eps_N = torch.as_tensor(eps, dtype=dtype, device=s.device).expand(n_rows)
+
+    r_N_C = t - s
+    lo_N = torch.zeros(n_rows, dtype=dtype, device=s.device)
+    hi_N = torch.ones(n_rows, dtype=dtype, device=s.device)
+    for _ in range(max(1, math.ceil(math.log2(1.0 / tol)))):
+        mid_N = 0.5 * (lo_N + hi_N)
+        feasible_N = _kl_closed_form(s, r_N_C, mid_N) <= eps_N
+        lo_N = torch.where(feasible_N, mid_N, lo_N)
+        hi_N = torch.where(feasible_N, hi_N, mid_N)
+
+    teacher_inside_N = kl(t, s) <= eps_N
+    beta_N = torch.where(teacher_inside_N, torch.ones_like(lo_N), lo_N)
+    beta_N = torch.where(eps_N <= 0, torch.zeros_like(beta_N), beta_N)
+    return beta_N.to(torch.promote_types(student_logp_N_C.dtype, torch.float32))
