@@ -1,0 +1,1 @@
+"""The student trainer: TRB-blended rollouts and per-prefix reverse-KL updates."""

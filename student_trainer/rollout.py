@@ -1,0 +1,165 @@
+"""Rollouts: the student generates, a behavior policy picks each token, the teacher's top-k is kept.
+
+Layout of a batch (B rows, prompts left-padded to width P):
+
+    column   0 .. P-1         P .. P+n-1              P+n ..
+    tokens   pad.. prompt     response (EOS incl.)    pad
+
+Position p of the student's logits predicts column p+1, so the loss positions of a row are
+P-1 .. P+n-2 (`loss_mask_B_T`), and `targets` holds the teacher's top-k at exactly those
+positions: the one the behavior sampled from when the teacher was asked during the rollout
+(trb-method §6), or one `/v1/score` call per batch afterwards for pure-student rollouts.
+
+While a teacher `extend` is in flight, the student's forward for the same new tokens runs on a
+worker thread, so teacher latency hides behind student compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shared.kv_decode import KVDecoder
+from student_trainer.behaviors import Behavior, StepDiagnostics
+from student_trainer.teacher_client import TeacherClient
+from student_trainer.topk import TeacherTopK
+
+
+@dataclass
+class Rollout:
+    tokens_B_T: torch.Tensor  # long
+    attention_mask_B_T: torch.Tensor  # long, 1 on prompt and response tokens
+    loss_mask_B_T: torch.Tensor  # bool, positions whose next token is a response token
+    prompt_width: int
+    response_lens_B: torch.Tensor  # long
+    targets: TeacherTopK | None = None  # (B, T, K) at loss positions; garbage elsewhere
+    diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = field(default_factory=list)  # (rows, diag)
+    teacher_rebuilds: int = 0
+
+    def responses(self) -> list[list[int]]:
+        p = self.prompt_width
+        return [self.tokens_B_T[b, p : p + int(n)].tolist() for b, n in enumerate(self.response_lens_B)]
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    return ids, mask
+
+
+async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior: Behavior, eps: float,
+                   teacher: TeacherClient | None, top_k: int, max_new_tokens: int, eos_id: int, pad_id: int,
+                   generator: torch.Generator) -> Rollout:
+    """Sample one response per prompt under `behavior` at budget `eps`."""
+    use_teacher = behavior.needs_teacher(eps)
+    if use_teacher and teacher is None:
+        raise ValueError(f"behavior {behavior.name!r} at eps={eps} needs a teacher client")
+    batch = len(prompts)
+    decoder = KVDecoder(student, pad_id)
+    session_task = asyncio.create_task(teacher.open_session(prompts, top_k)) if use_teacher else None
+    logits_A_V = await asyncio.to_thread(decoder.prefill, prompts)
+    session = await session_task if session_task else None
+    topk_A = session.first if session else None
+
+    new_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+    target_ids = torch.zeros((batch, max_new_tokens, top_k), dtype=torch.long)
+    target_lps = torch.zeros((batch, max_new_tokens, top_k))
+    target_tail = torch.zeros((batch, max_new_tokens))
+    lengths = torch.zeros(batch, dtype=torch.long)
+    active = torch.arange(batch)
+    diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = []
+    try:
+        for t in range(max_new_tokens):
+            tokens_A, diag = behavior.sample(logits_A_V, topk_A, eps, generator)
+            diagnostics.append((active, diag))
+            new_tokens[active, t] = tokens_A
+            lengths[active] += 1
+            if topk_A is not None:
+                target_ids[active, t], target_lps[active, t] = topk_A.ids, topk_A.logprobs
+                target_tail[active, t] = topk_A.tail()
+            keep = tokens_A != eos_id
+            active, tokens_A = active[keep], tokens_A[keep]
+            if len(active) == 0 or t == max_new_tokens - 1:
+                break
+            rows, toks = active.tolist(), [[x] for x in tokens_A.tolist()]
+            step = asyncio.to_thread(decoder.extend, rows, toks)
+            if session is not None:
+                logits_A_V, topk_A = await asyncio.gather(step, session.extend(toks, rows))
+            else:
+                logits_A_V = await step
+    finally:
+        if session is not None:
+            await session.close()
+
+    width = int(lengths.max())
+    prompt_ids, prompt_mask = _left_pad(prompts, pad_id)
+    p = prompt_ids.shape[1]
+    response_mask = torch.arange(width)[None, :] < lengths[:, None]
+    tokens = torch.cat([prompt_ids, new_tokens[:, :width]], dim=1)
+    attention = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    loss_mask[:, p - 1 : p - 1 + width] = response_mask
+    rollout = Rollout(tokens, attention, loss_mask, p, lengths, diagnostics=diagnostics,
+                      teacher_rebuilds=session.rebuilds if session else 0)
+    if use_teacher:
+        rollout.targets = _place(target_ids[:, :width], target_lps[:, :width], target_tail[:, :width], p,
+                                 tokens.shape[1])
+    return rollout
+
+
+def _place(ids_B_N_K: torch.Tensor, lps_B_N_K: torch.Tensor, tail_B_N: torch.Tensor, p: int, total: int) -> TeacherTopK:
+    """Put per-step targets at their logit positions p-1 .. p-1+N-1 of a (B, total) layout."""
+    batch, n, k = ids_B_N_K.shape
+    ids = torch.zeros((batch, total, k), dtype=torch.long)
+    lps = torch.zeros((batch, total, k))
+    tail = torch.zeros((batch, total))
+    ids[:, p - 1 : p - 1 + n], lps[:, p - 1 : p - 1 + n], tail[:, p - 1 : p - 1 + n] = ids_B_N_K, lps_B_N_K, tail_B_N
+    return TeacherTopK(ids, lps, tail)
+
+
+async def score_targets(rollout: Rollout, teacher: TeacherClient, top_k: int, pad_id: int) -> TeacherTopK:
+    """One `/v1/score` call for a finished batch: the teacher at every loss position."""
+    p, n_max = rollout.prompt_width, int(rollout.response_lens_B.max())
+    sequences, starts = [], []
+    for b in range(rollout.tokens_B_T.shape[0]):
+        real = rollout.attention_mask_B_T[b].bool()
+        seq = rollout.tokens_B_T[b][real].tolist()
+        n = int(rollout.response_lens_B[b])
+        sequences.append(seq[:-1])  # the distribution after the last token is never a target
+        starts.append(len(seq) - n - 1)
+    scored = await teacher.score(sequences, start=starts, top_k=top_k)
+    batch = len(sequences)
+    ids = torch.zeros((batch, n_max, top_k), dtype=torch.long)
+    lps, tail = torch.zeros((batch, n_max, top_k)), torch.zeros((batch, n_max))
+    for b, s in enumerate(scored):
+        n = s.topk.ids.shape[0]
+        ids[b, :n], lps[b, :n], tail[b, :n] = s.topk.ids, s.topk.logprobs, s.topk.tail()
+    return _place(ids, lps, tail, p, rollout.tokens_B_T.shape[1])
+
+
+def summarize(diagnostics: list[tuple[torch.Tensor, StepDiagnostics]]) -> dict[str, Any]:
+    """Token-level means and quantiles of the behavior diagnostics for logging."""
+    if not diagnostics:
+        return {}
+    beta = torch.cat([d.beta for _, d in diagnostics]).float()
+    kl = torch.cat([d.kl_to_student for _, d in diagnostics]).float()
+    used = torch.cat([d.teacher_used for _, d in diagnostics]).float()
+    tlp = torch.cat([d.teacher_logprob for _, d in diagnostics]).float()
+    out: dict[str, Any] = {"teacher_used": used.mean().item()}
+    finite_beta = beta[~beta.isnan()]
+    if len(finite_beta):
+        q = torch.quantile(finite_beta, torch.tensor([0.1, 0.5, 0.9]))
+        out.update(beta_mean=finite_beta.mean().item(), beta_p10=q[0].item(), beta_p50=q[1].item(),
+                   beta_p90=q[2].item())
+    for name, x in (("kl_mu_student", kl), ("teacher_logprob", tlp)):
+        x = x[~x.isnan()]
+        if len(x):
+            out[name] = x.mean().item()
+    return out

@@ -1,0 +1,1 @@
+"""Built-in tasks: the arithmetic problem generator, its verifier, tokenizer and SFT helpers."""

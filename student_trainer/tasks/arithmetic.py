@@ -1,0 +1,182 @@
+"""Arithmetic word-free problems with a rewrite-one-step chain of thought, and their verifier.
+
+Why this task: it is cheap to generate, exactly verifiable, and its chain of thought is a sequence
+of small dependent steps. A weak student that slips on one step carries the wrong number into every
+later line, which is the regime where on-policy distillation beats plain SFT.
+
+Format (prompt, then solution; the trainer appends EOS after the solution)::
+
+    48-3*7+15\n            <- prompt: the expression and a newline
+    =48-21+15\n            <- each line rewrites the expression with one operation done
+    =27+15\n                  (leftmost `*` first, then `+`/`-` left to right)
+    #### 42                <- final answer line
+
+Train and test splits are disjoint by construction: a problem belongs to the split chosen by a
+stable hash of its prompt, so no test prompt can ever be generated for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+ANSWER_PREFIX = "#### "
+OPERATORS = "+-*"
+TEST_FRACTION = 0.1
+_ANSWER_RE = re.compile(r"####[ \t]*(-?\d+)[ \t]*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance: the prompt, the reference completion and its final answer."""
+
+    prompt: str
+    solution: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """Knobs that set how hard problems are.
+
+    digits: most digits of an operand of `+`/`-`.
+    mul_digits: most digits of an operand of `*` (products grow fast; keep these small).
+    min_operands, max_operands: how many numbers appear in the expression.
+    operators: which of `+`, `-`, `*` may appear.
+    max_factors: most numbers in one product term (3 allows "4*5*7", i.e. 20*7 as a step).
+    """
+
+    digits: int = 2
+    mul_digits: int = 1
+    min_operands: int = 2
+    max_operands: int = 4
+    operators: str = OPERATORS
+    max_factors: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.operators or set(self.operators) - set(OPERATORS):
+            raise ValueError(f"operators must be a non-empty subset of {OPERATORS!r}")
+        if not 2 <= self.min_operands <= self.max_operands:
+            raise ValueError("need 2 <= min_operands <= max_operands")
+        if self.digits < 1 or self.mul_digits < 1 or self.max_factors < 2:
+            raise ValueError("digits and mul_digits must be >= 1, max_factors >= 2")
+
+
+def split_of(prompt: str) -> str:
+    """The split ("train" or "test") that owns `prompt`; stable across processes and machines."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "big") / 2**64
+    return "test" if bucket < TEST_FRACTION else "train"
+
+
+def _random_number(rng: random.Random, digits: int) -> int:
+    """A number with 1..digits digits, each length equally likely (so short numbers are common)."""
+    n_digits = rng.randint(1, digits)
+    low = 0 if n_digits == 1 else 10 ** (n_digits - 1)
+    return rng.randint(low, 10**n_digits - 1)
+
+
+def _random_operators(rng: random.Random, n: int, d: Difficulty) -> list[str]:
+    """n operators; `*` is skipped where it would put more than d.max_factors numbers in a product."""
+    ops: list[str] = []
+    run = 1
+    for _ in range(n):
+        allowed = d.operators if run < d.max_factors else d.operators.replace("*", "") or "*"
+        ops.append(rng.choice(allowed))
+        run = run + 1 if ops[-1] == "*" else 1
+    return ops
+
+
+def _random_expression(rng: random.Random, d: Difficulty) -> list[str]:
+    """Alternating numbers and operators, e.g. ["48", "-", "3", "*", "7"]."""
+    n = rng.randint(d.min_operands, d.max_operands)
+    ops = _random_operators(rng, n - 1, d)
+    tokens: list[str] = []
+    for i in range(n):
+        next_to_mul = (i > 0 and ops[i - 1] == "*") or (i < n - 1 and ops[i] == "*")
+        tokens.append(str(_random_number(rng, d.mul_digits if next_to_mul else d.digits)))
+        if i < n - 1:
+            tokens.append(ops[i])
+    return tokens
+
+
+def _reduce_once(tokens: list[str]) -> list[str]:
+    """Do one operation: the leftmost `*`, else the leftmost `+`/`-` (standard precedence)."""
+    i = tokens.index("*") if "*" in tokens else 1
+    a, op, b = int(tokens[i - 1]), tokens[i], int(tokens[i + 1])
+    value = a * b if op == "*" else a + b if op == "+" else a - b
+    return tokens[: i - 1] + [str(value)] + tokens[i + 2 :]
+
+
+def solve(expression: str) -> tuple[list[str], str] | None:
+    """The rewrite lines and final answer for `expression`, or None if a step goes negative.
+
+    Negative intermediates are excluded so that every number in the format is a plain digit string.
+    """
+    tokens = re.findall(r"\d+|[+\-*]", expression)
+    lines = []
+    while len(tokens) > 1:
+        tokens = _reduce_once(tokens)
+        if any(t.startswith("-") and len(t) > 1 for t in tokens):
+            return None
+        lines.append("".join(tokens))
+    return lines[:-1], lines[-1]
+
+
+def make_problem(expression: str) -> Problem | None:
+    """Build the Problem for an expression like "48-3*7+15" (None if it has negative steps)."""
+    solved = solve(expression)
+    if solved is None:
+        return None
+    steps, answer = solved
+    body = "".join(f"={line}\n" for line in steps)
+    return Problem(prompt=expression + "\n", solution=f"{body}{ANSWER_PREFIX}{answer}", answer=answer)
+
+
+def generate(n: int, seed: int, split: str = "train", **difficulty: object) -> list[Problem]:
+    """`n` distinct problems of `split`, deterministic in (seed, split, difficulty).
+
+    The difficulty keywords are the fields of `Difficulty`. Problems are distinct within one call so
+    that a test sample measures `n` different questions.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = Difficulty(**difficulty)  # type: ignore[arg-type]
+    rng = random.Random(f"{seed}/{split}")
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 50 * n + 10_000:
+            raise ValueError(f"could not find {n} distinct {split} problems at {d}")
+        expression = "".join(_random_expression(rng, d))
+        if expression in seen or split_of(expression + "\n") != split:
+            continue
+        problem = make_problem(expression)
+        if problem is not None:
+            seen.add(expression)
+            problems.append(problem)
+    return problems
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a completion: the number on its last non-empty line after "####".
+
+    Returns None when the last line is not an answer line, so a completion that wanders on after
+    its answer, or stops early, is not credited. Leading zeros are normalised ("007" -> "7").
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    match = _ANSWER_RE.search(lines[-1].strip())
+    if match is None or not lines[-1].strip().startswith("####"):
+        return None
+    return str(int(match.group(1)))
+
+
+def verify(completion_text: str, problem: Problem) -> bool:
+    """True when the completion's final answer equals the problem's answer (the steps are not graded)."""
+    return extract_answer(completion_text) == problem.answer
