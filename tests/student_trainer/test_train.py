@@ -1,0 +1,164 @@
+"""The trainer end to end against a real teacher server process: alignment, learning, resume, config."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO, ServerProcess
+from student_trainer.behaviors import make_behavior
+from student_trainer.config import ConfigError, load_config
+from student_trainer.losses import reverse_kl_loss
+from student_trainer.rollout import generate, score_targets
+from student_trainer.run_log import read_metrics
+from student_trainer.tasks.sft import ModelShape, build_model
+from student_trainer.tasks.tokenizer import build_tokenizer
+from student_trainer.teacher_client import TeacherClient
+from student_trainer.topk import TeacherTopK
+from student_trainer.train import train_sync
+from shared.kv_decode import position_ids
+from teacher_server.backends.base import topk_with_tail
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def task_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random tiny teacher and a smaller random student sharing the task tokenizer."""
+    tok, root = build_tokenizer(), tmp_path_factory.mktemp("task-models")
+    paths = []
+    for name, shape, seed in [("teacher", ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128), 0),
+                              ("student", ModelShape(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64), 1)]:
+        model = build_model(tok, shape, seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths.append(root / name)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def task_teacher(task_models: tuple[Path, Path]) -> Iterator[ServerProcess]:
+    server = ServerProcess(task_models[0], "--allow-full").wait_ready()
+    yield server
+    server.stop()
+
+
+def _cfg(task_models: tuple[Path, Path], url: str, out: Path, *extra: str):
+    return load_config(None, [f"student.path={task_models[1]}", f"teacher.url={url}", f"teacher.top_k={K}",
+                              "train.batch_size=4", "train.max_new_tokens=12", "train.eval_every=0",
+                              "train.save_every=2", f"train.out_dir={out}", "train.progress=false",
+                              "data.eval_size=4", "data.probe_size=4", *extra])
+
+
+
+
+def _prompts(tok) -> list[list[int]]:
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in ["12+34\n", "7*8-5\n", "3+4*2+9\n"]]
+
+
+async def _rollout(task_models, url, behavior, eps, seed=0):
+    student = AutoModelForCausalLM.from_pretrained(task_models[1]).eval()
+    tok = AutoTokenizer.from_pretrained(task_models[1])
+    async with TeacherClient(url) as client:
+        rollout = await generate(student, _prompts(tok), make_behavior(behavior), eps, client, K, 12,
+                                 tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(seed))
+        scored = await score_targets(rollout, client, K, tok.pad_token_id)
+    return student, rollout, scored
+
+
+def test_rollout_targets_equal_rescoring_the_batch(task_models, task_teacher) -> None:
+    """Targets kept from the session at each sampled prefix == one /v1/score of the finished batch."""
+    _, rollout, scored = asyncio.run(_rollout(task_models, task_teacher.url, "trb", eps=0.5))
+    m = rollout.loss_mask_B_T
+    assert m.sum() == rollout.response_lens_B.sum()
+    assert torch.equal(rollout.targets.ids[m], scored.ids[m])
+    assert torch.allclose(rollout.targets.logprobs[m], scored.logprobs[m], atol=1e-5)
+    assert torch.allclose(rollout.targets.tail_logprob[m], scored.tail_logprob[m], atol=1e-5)
+
+
+def test_server_loss_equals_local_teacher_loss(task_models, task_teacher) -> None:
+    student, rollout, scored = asyncio.run(_rollout(task_models, task_teacher.url, "opd", eps=0.0))
+    teacher = AutoModelForCausalLM.from_pretrained(task_models[0]).eval()
+    args = dict(input_ids=rollout.tokens_B_T, attention_mask=rollout.attention_mask_B_T,
+                position_ids=position_ids(rollout.attention_mask_B_T))
+    with torch.no_grad():
+        s_logits = student(**args).logits
+        t_logp = teacher(**args).logits.float().log_softmax(-1)
+    ids, lps, tail = topk_with_tail(t_logp, K)
+    local = reverse_kl_loss(s_logits, TeacherTopK(ids, lps, tail), rollout.loss_mask_B_T)[0]
+    served = reverse_kl_loss(s_logits, scored, rollout.loss_mask_B_T)[0]
+    assert abs(float(local) - float(served)) <= 1e-5, (float(local), float(served))
+    # and the exact full-vocabulary loss, with full logprobs from the server
+    full_served = asyncio.run(_full_targets(task_teacher.url, rollout))
+    full_local = reverse_kl_loss(s_logits, t_logp, rollout.loss_mask_B_T)[0]
+    full_remote = reverse_kl_loss(s_logits, full_served, rollout.loss_mask_B_T)[0]
+    assert abs(float(full_local) - float(full_remote)) <= 1e-5
+    assert float(served) <= float(full_local) + 1e-6  # the top-k form is a lower bound (trb-method §5)
+
+
+async def _full_targets(url: str, rollout) -> torch.Tensor:
+    async with TeacherClient(url) as client:
+        rows = []
+        for b in range(rollout.tokens_B_T.shape[0]):
+            real = rollout.attention_mask_B_T[b].bool()
+            (res,) = await client.score([rollout.tokens_B_T[b][real].tolist()], top_k=1, full=True)
+            pad = int((~real[: rollout.prompt_width]).sum())
+            row = torch.zeros(rollout.tokens_B_T.shape[1], res.logprobs.shape[1])
+            row[pad : pad + res.logprobs.shape[0]] = res.logprobs
+            rows.append(row)
+    return torch.stack(rows)
+
+
+def test_short_run_lowers_probe_kl_and_writes_checkpoints(task_models, task_teacher, tmp_path) -> None:
+    out = tmp_path / "run"
+    summary = train_sync(_cfg(task_models, task_teacher.url, out, "train.steps=8", "optim.lr=0.01",
+                              "method.name=trb", "method.eps0=0.2", "method.horizon=4"))
+    assert summary["steps"] == 8
+    assert summary["final_probe_kl"] < summary["initial_probe_kl"], summary
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["eps"] for r in records[:5]] == pytest.approx([0.2, 0.15, 0.1, 0.05, 0.0])
+    assert all(0 <= r["beta_mean"] <= 1 for r in records)
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_000008"
+    AutoModelForCausalLM.from_pretrained(out / "checkpoints" / latest)  # loads as a normal model
+
+
+def test_resume_continues_exactly(task_models, task_teacher, tmp_path) -> None:
+    common = ("method.name=trb", "method.eps0=0.3", "method.horizon=6", "optim.lr=0.005")
+    train_sync(_cfg(task_models, task_teacher.url, tmp_path / "a", "train.steps=4", *common))
+    train_sync(_cfg(task_models, task_teacher.url, tmp_path / "b", "train.steps=2", *common))
+    train_sync(_cfg(task_models, task_teacher.url, tmp_path / "b", "train.steps=4", *common), resume=True)
+    a = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+    b = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["eps"] == rb["eps"]
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+        assert ra["beta_mean"] == pytest.approx(rb["beta_mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["student.path=x", "teacher.model=y", "train.stepz=3"], "train.stepz"),
+    (["student.path=x", "teacher.model=y", "train.steps=0"], "train.steps"),
+    (["student.path=x", "teacher.model=y", "method.name=ppo"], "method.name"),
+    (["student.path=x"], "teacher"),
+    (["student.path=x", "teacher.model=y", "optim.accum_steps=3"], "optim.accum_steps"),
+])
+def test_bad_config_fails_naming_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_cli_fails_fast_on_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("student: {path: x}\nteacher: {model: y}\ntrain: {batch_size: -1}\n")
+    proc = subprocess.run([sys.executable, "-m", "student_trainer.cli", "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "train.batch_size" in proc.stderr
