@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.set)
     except ConfigError as exc:
         sys.exit(f"trb-train: {exc}")
-    from student_trainer.train import TrainingError, train_sync
     from student_trainer.teacher_client import TeacherError
+    from student_trainer.train import TrainingError, train_sync
 
     try:
         train_sync(cfg, resume=args.resume)

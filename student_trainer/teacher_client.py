@@ -21,8 +21,16 @@ from pydantic import BaseModel
 
 from shared import codec
 from shared.fingerprint import tokenizer_fingerprint
-from shared.protocol import (ErrorCode, LogprobDtype, ModelInfo, ScoreRequest, ScoreResponse,
-                             SessionCreateRequest, SessionExtendRequest, SessionStep)
+from shared.protocol import (
+    ErrorCode,
+    LogprobDtype,
+    ModelInfo,
+    ScoreRequest,
+    ScoreResponse,
+    SessionCreateRequest,
+    SessionExtendRequest,
+    SessionStep,
+)
 from student_trainer.topk import TeacherTopK
 
 _RETRY_STATUS = {429, 502, 503, 504}

@@ -7,11 +7,27 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from shared.protocol import (ErrorCode, ModelInfo, ScoreRequest, ScoreResponse, SessionCreateRequest,
-                             SessionExtendRequest, SessionStep)
+from shared.protocol import (
+    ErrorCode,
+    ModelInfo,
+    ScoreRequest,
+    ScoreResponse,
+    SessionCreateRequest,
+    SessionExtendRequest,
+    SessionStep,
+)
 from teacher_server import limits
-from teacher_server.deps import ERRORS, body_doc, cast_floats, client_of, get_server, parse_body, respond, run_queued
 from teacher_server.backends.base import StepArrays
+from teacher_server.deps import (
+    ERRORS,
+    body_doc,
+    cast_floats,
+    client_of,
+    get_server,
+    parse_body,
+    respond,
+    run_queued,
+)
 from teacher_server.errors import ApiError
 from teacher_server.sessions import Session, SessionNotFound
 

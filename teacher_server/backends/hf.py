@@ -14,7 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shared.fingerprint import tokenizer_fingerprint
 from shared.kv_decode import KVDecoder
 from shared.protocol import ScoreRequest, SequenceScores
-from teacher_server.backends.base import Backend, BackendInfo, SessionState, StepArrays, topk_with_tail
+from teacher_server.backends.base import (
+    Backend,
+    BackendInfo,
+    SessionState,
+    StepArrays,
+    topk_with_tail,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOGIT_BUDGET = 1 << 27  # floats of float32 logits held at once per forward chunk (512 MB)

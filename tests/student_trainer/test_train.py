@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, ServerProcess
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, ServerProcess
+from shared.kv_decode import position_ids
 from student_trainer.behaviors import make_behavior
 from student_trainer.config import ConfigError, load_config
 from student_trainer.losses import reverse_kl_loss
@@ -23,7 +24,6 @@ from student_trainer.tasks.tokenizer import build_tokenizer
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.topk import TeacherTopK
 from student_trainer.train import train_sync
-from shared.kv_decode import position_ids
 from teacher_server.backends.base import topk_with_tail
 
 K = 8

@@ -9,11 +9,11 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from conftest import ServerProcess
 from transformers import AutoModelForCausalLM
 
 from shared import codec
 from shared.protocol import ScoreResponse, SessionStep
-from conftest import ServerProcess
 
 SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, 31, 32, 33]]
 
