@@ -1,0 +1,61 @@
+"""PNG plots of a run (accuracy, probe KL, ε, mean β over steps) and of several runs side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from student_trainer.run_log import read_metrics  # noqa: E402
+
+PANELS = [("eval_accuracy", "greedy accuracy (held out)"), ("probe_kl", "KL(π_S ‖ π_T) on the probe set"),
+          ("eps", "KL budget ε"), ("beta_mean", "mean β of the behavior")]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Four panels from `run_dir/metrics.jsonl`; returns the PNG path."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+        xs, ys = _series(records, key)
+        ax.plot(xs, ys, marker="o" if key in ("eval_accuracy", "probe_kl") else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run_dir.name}")
+    fig.tight_layout()
+    out = out or run_dir / "training.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_comparison(runs: dict[str, list[Path]], out: Path, key: str = "eval_accuracy") -> Path:
+    """Mean ± std of `key` over seeds for each method."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, dirs in runs.items():
+        curves = [_series(read_metrics(d / "metrics.jsonl"), key) for d in dirs]
+        steps = curves[0][0]
+        ys = np.array([c[1][: len(steps)] for c in curves])
+        mean, std = ys.mean(0), ys.std(0)
+        ax.plot(steps, mean, label=method)
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(dict(PANELS).get(key, key))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
