@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(BIN)/python -m teacher_server.demo
+	$(BIN)/python -m student_trainer.demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
