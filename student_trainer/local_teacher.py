@@ -40,7 +40,8 @@ class LocalTeacher:
                 raise RuntimeError(f"the local teacher server exited with code {self.proc.returncode}"
                                    f"{'; see ' + self._log.name if self._log.name != os.devnull else ''}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
+                # /health needs no API key; uvicorn binds only after the model has loaded.
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -12,10 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from shared.protocol import ModelInfo
+from shared.protocol import ErrorCode, ModelInfo
+from teacher_server.auth import key_name, load_keys
 from teacher_server.backends.base import Backend
 from teacher_server.deps import client_of
-from teacher_server.errors import install_error_handlers
+from teacher_server.errors import error_response, install_error_handlers
 from teacher_server.metrics import Metrics
 from teacher_server.routes import router
 from teacher_server.scheduler import FairScheduler
@@ -70,7 +71,19 @@ def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], 
     app = FastAPI(title="TRB teacher server", version="0.1.0", lifespan=lifespan,
                   description="Next-token logprobs of a frozen teacher LM, for on-policy distillation.")
     app.state.server = None
+    app.state.keys = load_keys(cfg.api_keys, cfg.api_keys_file)
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable) -> Response:
+        keys = request.app.state.keys
+        if keys and request.url.path != "/health":
+            name = key_name(keys, request.headers.get("authorization"), request.headers.get("x-api-key"))
+            if name is None:
+                return error_response(401, ErrorCode.UNAUTHORIZED, "a valid API key is required "
+                                      "(Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
+            request.state.key_name = name
+        return await call_next(request)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable) -> Response:
@@ -78,8 +91,8 @@ def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], 
         response = await call_next(request)
         server: Server | None = request.app.state.server
         route = request.scope.get("route")
-        if server is not None and route is not None:
-            path = route.path
+        if server is not None:
+            path = route.path if route is not None else "<unmatched>"  # bounded label set
             server.metrics.requests.labels(path, client_of(request), str(response.status_code)).inc()
             server.metrics.latency.labels(path).observe(time.perf_counter() - started)
             if response.status_code >= 400:

@@ -8,7 +8,10 @@ import sys
 
 from pydantic import ValidationError
 
+from teacher_server.auth import load_keys
 from teacher_server.settings import ServerSettings
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-full-values", type=int, default=None)
     serve.add_argument("--session-ttl", type=float, default=None, dest="session_ttl_s")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
+    serve.add_argument("--api-keys-file", default=None, help="File of name:secret lines; or set TRB_TEACHER_API_KEYS.")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="Allow a non-loopback --host without API keys (trusted networks only).")
     serve.add_argument("--log-level", default="info")
     return parser
 
@@ -36,11 +42,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("command", "host", "port", "log_level")}
+                 if v is not None and k not in ("command", "host", "port", "log_level", "insecure_no_auth")}
     try:
         cfg = ServerSettings(**overrides)
-    except ValidationError as exc:
+        keys = load_keys(cfg.api_keys, cfg.api_keys_file)
+    except (ValidationError, ValueError) as exc:
         sys.exit(f"trb-teacher: bad settings:\n{exc}")
+    if not keys and args.host not in LOOPBACK and not args.insecure_no_auth:
+        sys.exit(f"trb-teacher: refusing to listen on {args.host} without API keys; set TRB_TEACHER_API_KEYS "
+                 "or --api-keys-file, or pass --insecure-no-auth on a trusted network")
     if cfg.threads:
         import torch
 

@@ -21,16 +21,32 @@ MAX_CLIENT_LABEL = 64
 
 
 def client_of(request: Request) -> str:
-    return (request.headers.get("x-client-id") or "anonymous")[:MAX_CLIENT_LABEL]
+    """The metrics label of a caller: its API key's name when keys are on, else X-Client-Id."""
+    named = getattr(request.state, "key_name", None)
+    return named or (request.headers.get("x-client-id") or "anonymous")[:MAX_CLIENT_LABEL]
 
 
-async def parse_body(request: Request, model_type: type[M]) -> M:
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes before holding them in memory."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, ErrorCode.TOO_LARGE, f"body: {declared} bytes exceed the limit of {limit}", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, ErrorCode.TOO_LARGE, f"body: more than the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model_type: type[M], limit: int) -> M:
     """Decode a JSON or msgpack body into `model_type`, answering 4xx on anything malformed."""
     media = codec.media_type_of(request.headers.get("content-type"))
     if media is None:
         raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                        f"Content-Type must be {codec.JSON} or {codec.MSGPACK}")
-    body = await request.body()
+    body = await read_capped(request, limit)
     try:
         return codec.decode(body, model_type, media)
     except codec.CodecError as exc:

@@ -58,7 +58,7 @@ async def model_info(request: Request) -> ModelInfo:
              openapi_extra=body_doc(ScoreRequest, "Sequences to score; JSON or msgpack."))
 async def score(request: Request) -> Response:
     server = get_server(request)
-    req = await parse_body(request, ScoreRequest)
+    req = await parse_body(request, ScoreRequest, server.cfg.max_body_bytes)
     limits.check_score(req, server.backend.info, server.cfg)
     client = client_of(request)
     results = await run_queued(server, server.scheduler.score(client, req))
@@ -79,7 +79,7 @@ def _step(session_id: str, step: StepArrays, rows: list[int], lengths: list[int]
              openapi_extra=body_doc(SessionCreateRequest, "Prompts of the rows; JSON or msgpack."))
 async def create_session(request: Request) -> Response:
     server = get_server(request)
-    req = await parse_body(request, SessionCreateRequest)
+    req = await parse_body(request, SessionCreateRequest, server.cfg.max_body_bytes)
     limits.check_session_create(req, server.backend.info, server.cfg)
     client = client_of(request)
     tokens = sum(len(s) for s in req.sequences)
@@ -100,7 +100,7 @@ async def create_session(request: Request) -> Response:
              openapi_extra=body_doc(SessionExtendRequest, "New tokens per row; JSON or msgpack."))
 async def extend_session(session_id: str, request: Request) -> Response:
     server = get_server(request)
-    req = await parse_body(request, SessionExtendRequest)
+    req = await parse_body(request, SessionExtendRequest, server.cfg.max_body_bytes)
     session = _lookup(server, session_id)
     state, info = session.state, server.backend.info
     rows = req.rows if req.rows is not None else list(range(len(state.lengths)))

@@ -28,3 +28,6 @@ class ServerSettings(BaseSettings):
     max_sessions: int = 256
     max_session_bytes: int = 2 << 30
     threads: int | None = None
+    max_body_bytes: int = 64 << 20
+    api_keys: str | None = Field(None, description="name:secret,... (prefer api_keys_file).")
+    api_keys_file: str | None = None

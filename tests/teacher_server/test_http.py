@@ -163,3 +163,44 @@ def test_metrics_and_openapi(teacher: ServerProcess) -> None:
     for model in ("ScoreResponse", "SequenceScores", "SessionStep", "ModelInfo"):
         for field, spec in schema["components"]["schemas"][model]["properties"].items():
             assert spec.get("description"), f"{model}.{field} is undocumented"
+
+
+def test_api_keys_guard_every_route_but_health(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRB_TEACHER_API_KEYS", "alice:alice-secret-1,bob:bob-secret-22")
+    server = ServerProcess(tiny_model).wait_ready()
+    try:
+        good = {"authorization": "Bearer alice-secret-1"}
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        routes = [("GET", "/ready"), ("GET", "/v1/model"), ("GET", "/metrics"), ("POST", "/v1/score"),
+                  ("POST", "/v1/sessions"), ("POST", "/v1/sessions/x/extend"), ("DELETE", "/v1/sessions/x"),
+                  ("GET", "/openapi.json"), ("GET", "/docs")]
+        for headers in ({}, {"authorization": "Bearer wrong-secret"}, {"x-api-key": "alice-secret-"}):
+            for method, path in routes:
+                resp = httpx.request(method, f"{server.url}{path}", headers=headers, json={"sequences": [[1]]})
+                assert resp.status_code == 401, (method, path, headers)
+                assert resp.json()["error"]["code"] == "unauthorized"
+        ok = httpx.post(f"{server.url}/v1/score", json={"sequences": [[1, 2]]}, headers={"x-api-key": "bob-secret-22"})
+        assert ok.status_code == 200
+        text = httpx.get(f"{server.url}/metrics", headers=good).text
+        assert 'client="bob"' in text and "secret" not in text
+    finally:
+        server.stop()
+
+
+def test_oversized_body_is_refused(teacher: ServerProcess) -> None:
+    blob = b"[" + b"1," * (40 << 20) + b"1]"  # ~80 MB, over the 64 MiB default
+    resp = httpx.post(f"{teacher.url}/v1/score", content=blob, headers={"content-type": "application/json"},
+                      timeout=60)
+    assert resp.status_code == 413 and resp.json()["error"]["field"] == "body"
+    assert httpx.get(f"{teacher.url}/health").status_code == 200
+
+
+def test_cli_refuses_public_host_without_keys(tiny_model: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(tiny_model),
+                           "--host", "0.0.0.0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "without API keys" in proc.stderr
