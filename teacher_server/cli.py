@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from teacher_server.app import create_app
 
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, runs the lifespan shutdown, then re-raises
+    # the signal; these no-op handlers turn that re-raise into a clean exit status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=30)
 
