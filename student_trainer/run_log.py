@@ -23,6 +23,7 @@ class RunLog:
                  console: Console | None = None) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.console = console or Console(stderr=True)
+        _truncate_after(self.path, start_step)
         self._file = open(self.path, "a")
         self._tb = None
         try:
@@ -65,6 +66,18 @@ class RunLog:
             for key, value in summary.items():
                 table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
             self.console.print(table)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step`: a run killed after logging a step but before checkpointing it
+    repeats that step on resume, and the log must not hold it twice."""
+    if not path.exists():
+        return
+    if step == 0:  # a fresh run in an old folder starts a fresh log
+        path.unlink()
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step and not r.get("final")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ Format (prompt, then solution; the trainer appends EOS after the solution)::
     48-3*7+15\n            <- prompt: the expression and a newline
     =48-21+15\n            <- each line rewrites the expression with one operation done
     =27+15\n                  (leftmost `*` first, then `+`/`-` left to right)
+    =42\n
     #### 42                <- final answer line
 
 Train and test splits are disjoint by construction: a problem belongs to the split chosen by a
@@ -110,8 +111,8 @@ def _reduce_once(tokens: list[str]) -> list[str]:
     return tokens[: i - 1] + [str(value)] + tokens[i + 2 :]
 
 
-def solve(expression: str) -> tuple[list[str], str] | None:
-    """The rewrite lines and final answer for `expression`, or None if a step goes negative.
+def solve(expression: str) -> list[str] | None:
+    """The rewrite lines of `expression` (the last is the value), or None if a step goes negative.
 
     Negative intermediates are excluded so that every number in the format is a plain digit string.
     """
@@ -119,20 +120,23 @@ def solve(expression: str) -> tuple[list[str], str] | None:
     lines = []
     while len(tokens) > 1:
         tokens = _reduce_once(tokens)
-        if any(t.startswith("-") and len(t) > 1 for t in tokens):
+        if tokens[0].startswith("-"):
             return None
         lines.append("".join(tokens))
-    return lines[:-1], lines[-1]
+    return lines or tokens
 
 
 def make_problem(expression: str) -> Problem | None:
-    """Build the Problem for an expression like "48-3*7+15" (None if it has negative steps)."""
-    solved = solve(expression)
-    if solved is None:
+    """Build the Problem for an expression like "48-3*7+15" (None if it has negative steps).
+
+    Every computation happens on a "=" line; the answer line only copies the last value, so the
+    model does arithmetic in one place and one layout.
+    """
+    lines = solve(expression)
+    if lines is None:
         return None
-    steps, answer = solved
-    body = "".join(f"={line}\n" for line in steps)
-    return Problem(prompt=expression + "\n", solution=f"{body}{ANSWER_PREFIX}{answer}", answer=answer)
+    body = "".join(f"={line}\n" for line in lines)
+    return Problem(prompt=expression + "\n", solution=f"{body}{ANSWER_PREFIX}{lines[-1]}", answer=lines[-1])
 
 
 def generate(n: int, seed: int, split: str = "train", **difficulty: object) -> list[Problem]:

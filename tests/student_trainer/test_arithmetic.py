@@ -52,7 +52,7 @@ def test_reference_solution_is_correct_arithmetic() -> None:
 
 def test_worked_example_format() -> None:
     p = make_problem("48-3*7+15")
-    assert p == Problem(prompt="48-3*7+15\n", solution="=48-21+15\n=27+15\n#### 42", answer="42")
+    assert p == Problem(prompt="48-3*7+15\n", solution="=48-21+15\n=27+15\n=42\n#### 42", answer="42")
     assert make_problem("3-8+20") is None  # negative intermediate is excluded
 
 

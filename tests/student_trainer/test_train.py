@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, ServerProcess
+from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.kv_decode import position_ids
@@ -19,35 +18,12 @@ from student_trainer.config import ConfigError, load_config
 from student_trainer.losses import reverse_kl_loss
 from student_trainer.rollout import generate, score_targets
 from student_trainer.run_log import read_metrics
-from student_trainer.tasks.sft import ModelShape, build_model
-from student_trainer.tasks.tokenizer import build_tokenizer
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.topk import TeacherTopK
 from student_trainer.train import train_sync
 from teacher_server.backends.base import topk_with_tail
 
 K = 8
-
-
-@pytest.fixture(scope="module")
-def task_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A random tiny teacher and a smaller random student sharing the task tokenizer."""
-    tok, root = build_tokenizer(), tmp_path_factory.mktemp("task-models")
-    paths = []
-    for name, shape, seed in [("teacher", ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128), 0),
-                              ("student", ModelShape(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64), 1)]:
-        model = build_model(tok, shape, seed)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        paths.append(root / name)
-    return paths[0], paths[1]
-
-
-@pytest.fixture(scope="module")
-def task_teacher(task_models: tuple[Path, Path]) -> Iterator[ServerProcess]:
-    server = ServerProcess(task_models[0], "--allow-full").wait_ready()
-    yield server
-    server.stop()
 
 
 def _cfg(task_models: tuple[Path, Path], url: str, out: Path, *extra: str):

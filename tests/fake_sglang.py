@@ -1,0 +1,230 @@
+"""A protocol-faithful fake of SGLang's native `/generate` logprob API, backed by a transformers model.
+
+It models the subset the SGLang backend uses, with SGLang 0.5.23's behaviour as written in
+/work/shared/docs/sglang-api.md: batches answer a JSON list in input order; entries are
+`[logprob, token_id, null]`; with `logprob_start_len = s` each input list has `L - s` entries and entry 0
+(about token s) is null; `output_*` lists cover the generated tokens (after temperature); top-k only,
+never full logits; `cached_tokens` from a prefix cache, capped at `s`. It is stricter than SGLang in one
+way: any `sampling_params` key other than max_new_tokens and temperature is a 400 (SGLang's answer to
+unknown keys), so a backend that starts sending e.g. top_p fails here instead of silently passing.
+
+`python tests/fake_sglang.py --model DIR --port N [--default-temperature T]`. `GET /fake/requests` (not
+SGLang) lists what was asked and the cached_tokens answered, for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from transformers import AutoModelForCausalLM
+
+SAMPLING_KEYS = {"max_new_tokens", "temperature"}  # the ones modelled; any other key answers 400
+
+
+class BadRequest(ValueError):
+    """SGLang answers these with HTTP 400 {"error": message}."""
+
+
+def _lp(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # SGLang's orjson writes -inf as null
+
+
+def _entry(lp_V: torch.Tensor, token: int) -> list:
+    return [_lp(float(lp_V[token])), token, None]
+
+
+def _top(lp_V: torch.Tensor, k: int) -> list[list]:
+    values, ids = lp_V.topk(k)
+    return [[_lp(v), i, None] for v, i in zip(values.tolist(), ids.tolist(), strict=True)]
+
+
+def _by_ids(lp_V: torch.Tensor, ids: list[int]) -> list[list]:
+    return [_entry(lp_V, t) for t in ids]
+
+
+class PrefixCache:
+    """A token trie of every sequence seen (prompt + output), like the radix cache's reuse count."""
+
+    def __init__(self) -> None:
+        self.root: dict[int, dict] = {}
+
+    def match(self, ids: list[int]) -> int:
+        node, n = self.root, 0
+        for t in ids:
+            if t not in node:
+                break
+            node, n = node[t], n + 1
+        return n
+
+    def insert(self, ids: list[int]) -> None:
+        node = self.root
+        for t in ids:
+            node = node.setdefault(t, {})
+
+
+class FakeSGLang:
+    def __init__(self, model_dir: str, default_temperature: float) -> None:
+        self.model_dir, self.default_temperature = model_dir, default_temperature
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.cache = PrefixCache()
+        self.log: list[dict[str, Any]] = []
+
+    @torch.inference_mode()
+    def logprobs(self, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+        """(len(ids), V) float32 next-token logprobs after ids[:1] .. ids[:L]."""
+        logits = self.model(torch.tensor([ids])).logits[0].float()
+        return (logits / temperature).log_softmax(-1)
+
+    def item(self, ids: Any, sp: Any, s: int, k: int, token_ids: list[int] | None) -> dict[str, Any]:
+        """One batch item, validated first: a bad item fails the whole batch, as in SGLang."""
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+            raise BadRequest("input_ids must be a non-empty list of token ids")
+        if any(not 0 <= t < self.vocab for t in ids):
+            raise BadRequest("input_ids holds a token id outside the vocabulary")
+        if not isinstance(sp, dict):
+            raise BadRequest("sampling_params must be an object")
+        if set(sp) - SAMPLING_KEYS:
+            raise BadRequest(f"unknown sampling_params: {sorted(set(sp) - SAMPLING_KEYS)}")
+        L, n_new = len(ids), int(sp.get("max_new_tokens", 16))
+        temperature = float(sp.get("temperature", self.default_temperature))
+        s = L - 1 if s == -1 else s
+        if not 0 <= s <= L:
+            raise BadRequest(f"logprob_start_len {s} is outside 0..{L} (the prompt length)")
+        if k < 0 or k > self.vocab or n_new < 0:
+            raise BadRequest("bad top_logprobs_num or max_new_tokens")
+        if token_ids is not None and any(not 0 <= t < self.vocab for t in token_ids):
+            raise BadRequest("token_ids_logprob holds an id outside the vocabulary")
+        return dict(ids=ids, L=L, s=s, k=k, n_new=n_new, temperature=temperature, token_ids=token_ids,
+                    sampling_params=sp)
+
+    def run(self, it: dict[str, Any], return_logprob: bool) -> dict[str, Any]:
+        ids, L, s, k, token_ids = it["ids"], it["L"], it["s"], it["k"], it["token_ids"]
+        cached = min(self.cache.match(ids), L - 1, s if return_logprob else L - 1)
+        lp_L_V = self.logprobs(ids)  # prompt logprobs are raw: no temperature
+        meta: dict[str, Any] = {"prompt_tokens": L, "cached_tokens": cached}
+        if return_logprob:
+            rows = range(s, L)  # entry i is about token s + i; its distribution is row s + i - 1
+            meta["input_token_logprobs"] = [[None, ids[p], None] if p == s else _entry(lp_L_V[p - 1], ids[p])
+                                            for p in rows]
+            if k > 0:
+                meta["input_top_logprobs"] = [None if p == s else _top(lp_L_V[p - 1], k) for p in rows]
+            if token_ids is not None:
+                meta["input_token_ids_logprobs"] = [None if p == s else _by_ids(lp_L_V[p - 1], token_ids)
+                                                    for p in rows]
+        output = self.generate(ids, it, meta, return_logprob)
+        self.cache.insert(ids + output)
+        meta.update(completion_tokens=len(output), finish_reason={"type": "length", "length": it["n_new"]})
+        self.log.append({"prompt_tokens": L, "cached_tokens": cached, "logprob_start_len": s,
+                         "sampling_params": it["sampling_params"]})
+        return {"text": "", "output_ids": output, "meta_info": meta}
+
+    def generate(self, ids: list[int], it: dict[str, Any], meta: dict[str, Any], return_logprob: bool) -> list[int]:
+        """Sample (greedy at temperature 0) n_new tokens; output logprobs are taken after temperature."""
+        t = it["temperature"]
+        out: list[int] = []
+        fields: dict[str, list] = {"output_token_logprobs": [], "output_top_logprobs": [],
+                                   "output_token_ids_logprobs": []}
+        gen = torch.Generator().manual_seed(len(ids))
+        for _ in range(it["n_new"]):
+            lp_V = self.logprobs(ids + out, t if t > 0 else 1.0)[-1]
+            tok = int(lp_V.argmax()) if t == 0 else int(torch.multinomial(lp_V.exp(), 1, generator=gen))
+            fields["output_token_logprobs"].append(_entry(lp_V, tok))
+            fields["output_top_logprobs"].append(_top(lp_V, it["k"]))
+            fields["output_token_ids_logprobs"].append(_by_ids(lp_V, it["token_ids"] or []))
+            out.append(tok)
+        if return_logprob:
+            meta["output_token_logprobs"] = fields["output_token_logprobs"]
+            if it["k"] > 0:
+                meta["output_top_logprobs"] = fields["output_top_logprobs"]
+            if it["token_ids"] is not None:
+                meta["output_token_ids_logprobs"] = fields["output_token_ids_logprobs"]
+        return out
+
+
+def _per_item(value: Any, n: int, default: Any, is_list: bool = False) -> list[Any]:
+    """SGLang takes one value for the whole batch or a list with one value per item."""
+    if value is None:
+        return [default] * n
+    if isinstance(value, list) and (not is_list or (value and isinstance(value[0], list))):
+        if len(value) != n:
+            raise BadRequest(f"a per-item list has {len(value)} entries for a batch of {n}")
+        return value
+    return [value] * n
+
+
+def generate_response(fake: FakeSGLang, body: dict[str, Any]) -> Any:
+    ids = body.get("input_ids")
+    if not isinstance(ids, list) or not ids:
+        raise BadRequest("input_ids must be given and non-empty")
+    batch = isinstance(ids[0], list)
+    items = ids if batch else [ids]
+    n = len(items)
+    sps = _per_item(body.get("sampling_params") or {}, n, {})
+    starts = _per_item(body.get("logprob_start_len"), n, -1)
+    ks = _per_item(body.get("top_logprobs_num"), n, 0)
+    token_ids = _per_item(body.get("token_ids_logprob"), n, None, is_list=True)
+    ret = _per_item(body.get("return_logprob"), n, False)
+    checked = [fake.item(*args) for args in zip(items, sps, starts, ks, token_ids, strict=True)]
+    outs = [fake.run(it, bool(r)) for it, r in zip(checked, ret, strict=True)]
+    return outs if batch else outs[0]
+
+
+def create_app(fake: FakeSGLang) -> FastAPI:
+    app = FastAPI(title="fake SGLang")
+
+    @app.post("/generate")
+    async def generate(request: Request) -> JSONResponse:
+        try:
+            return JSONResponse(generate_response(fake, await request.json()))
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.get("/health")
+    @app.get("/health_generate")
+    async def health() -> JSONResponse:
+        return JSONResponse({})
+
+    @app.get("/model_info")
+    async def model_info() -> dict[str, Any]:
+        return {"model_path": fake.model_dir, "tokenizer_path": fake.model_dir, "is_generation": True,
+                "architectures": list(fake.model.config.architectures or [])}
+
+    @app.get("/server_info")
+    async def server_info() -> dict[str, Any]:
+        return {"model_path": fake.model_dir, "dtype": "float32", "version": "0.5.23-fake"}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> dict[str, str]:
+        fake.cache = PrefixCache()
+        return {"status": "ok"}
+
+    @app.get("/fake/requests")
+    async def requests_seen() -> list[dict[str, Any]]:
+        return fake.log
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--default-temperature", type=float, default=1.0,
+                        help="What SGLang would take from the model's generation_config when none is sent.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import uvicorn
+
+    uvicorn.run(create_app(FakeSGLang(args.model, args.default_temperature)), host=args.host, port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
