@@ -7,15 +7,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import ServerProcess
-from tiny_model import make_tokenizer
 from transformers import AutoTokenizer
 
+from conftest import ServerProcess
 from student_trainer.teacher_client import (
     TeacherClient,
     TeacherError,
     TokenizerMismatch,
 )
+from tiny_model import make_tokenizer
 
 
 async def test_score_decodes_to_tensors(teacher: ServerProcess) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import REPO
 from shared.kv_decode import position_ids
 from student_trainer.behaviors import make_behavior
 from student_trainer.config import ConfigError, load_config

@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from conftest import ServerProcess
 from transformers import AutoModelForCausalLM
 
+from conftest import ServerProcess
 from shared import codec
 from shared.protocol import ScoreResponse, SessionStep
 
