@@ -30,6 +30,11 @@ def build_backend(cfg: ServerSettings) -> Backend:
 
         return HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, name=cfg.served_name,
                          max_context=cfg.max_context)
+    if cfg.backend == "sglang":
+        from teacher_server.backends.sglang import SGLangBackend
+
+        return SGLangBackend(cfg.model, url=cfg.sglang_url, engine=cfg.sglang_engine, name=cfg.served_name,
+                             max_context=cfg.max_context, vocab_size=cfg.sglang_vocab_size, dtype=cfg.dtype)
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 
@@ -45,7 +50,7 @@ class Server:
         i, c = self.backend.info, self.cfg
         return ModelInfo(model=i.name, backend=i.backend, vocab_size=i.vocab_size,
                          tokenizer_fingerprint=i.tokenizer_fingerprint, max_context=i.max_context,
-                         max_top_k=min(c.max_top_k, i.vocab_size), full_logprobs=c.allow_full,
+                         max_top_k=min(c.max_top_k, i.vocab_size), full_logprobs=c.allow_full and i.supports_full,
                          max_full_values=c.max_full_values, max_sequences=c.max_sequences,
                          max_tokens=c.max_tokens, dtype=i.dtype, device=i.device)
 

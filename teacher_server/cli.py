@@ -1,4 +1,7 @@
-"""`trb-teacher serve --model PATH --backend hf --host 127.0.0.1 --port 8000`."""
+"""`trb-teacher serve --model PATH --backend hf --host 127.0.0.1 --port 8000`.
+
+With SGLang: `trb-teacher serve --backend sglang --sglang-url http://127.0.0.1:30000 --model PATH`.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve a teacher model over HTTP.")
     serve.add_argument("--model", required=True, help="Local path or hub id of a causal LM.")
-    serve.add_argument("--backend", default="hf", choices=["hf"])
+    serve.add_argument("--backend", default="hf", choices=["hf", "sglang"])
+    serve.add_argument("--sglang-url", default=None, help="SGLang server for --backend sglang, e.g. "
+                       "http://127.0.0.1:30000 (--model is still read for the tokenizer).")
+    serve.add_argument("--sglang-engine", action="store_true", default=None,
+                       help="Run sglang.Engine in this process instead of --sglang-url (GPU only).")
+    serve.add_argument("--sglang-vocab-size", type=int, default=None)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")

@@ -13,6 +13,8 @@ from teacher_server.backends.base import BackendInfo
 from teacher_server.errors import ApiError
 from teacher_server.settings import ServerSettings
 
+UNSUPPORTED = "unsupported"  # the backend cannot serve this kind of request (base.UnsupportedRequest)
+
 
 def _invalid(field: str, message: str) -> ApiError:
     return ApiError(422, ErrorCode.INVALID_REQUEST, f"{field}: {message}", field)
@@ -52,6 +54,9 @@ def check_score(req: ScoreRequest, info: BackendInfo, cfg: ServerSettings) -> No
     if req.token_ids is not None:
         check_ids("token_ids", req.token_ids, info.vocab_size)
     if req.full:
+        if not info.supports_full:
+            raise ApiError(422, UNSUPPORTED, f"full: the {info.backend} backend returns top-k logprobs only, "
+                           "never the full vocabulary; ask for top_k and token_ids instead", "full")
         if not cfg.allow_full:
             raise ApiError(403, ErrorCode.FULL_LOGPROBS_DISABLED,
                            "full: this server does not return full logprobs (start it with --allow-full)", "full")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,7 +12,10 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRB_TEACHER_", extra="forbid")
 
     model: str = Field(description="Local path or hub id of the teacher (a causal LM).")
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "sglang"] = "hf"
+    sglang_url: str | None = Field(None, description="URL of a running SGLang server (backend sglang).")
+    sglang_engine: bool = Field(False, description="Run sglang.Engine in-process instead (backend sglang).")
+    sglang_vocab_size: int | None = Field(None, description="Vocab size when the model config lacks it.")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     served_name: str | None = None
@@ -31,3 +34,9 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = 64 << 20
     api_keys: str | None = Field(None, description="name:secret,... (prefer api_keys_file).")
     api_keys_file: str | None = None
+
+    @model_validator(mode="after")
+    def _sglang_target(self) -> ServerSettings:
+        if self.backend == "sglang" and bool(self.sglang_url) == self.sglang_engine:
+            raise ValueError("backend sglang needs exactly one of sglang_url or sglang_engine")
+        return self

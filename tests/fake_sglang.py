@@ -91,7 +91,9 @@ class FakeSGLang:
             raise BadRequest("sampling_params must be an object")
         if set(sp) - SAMPLING_KEYS:
             raise BadRequest(f"unknown sampling_params: {sorted(set(sp) - SAMPLING_KEYS)}")
-        L, n_new = len(ids), int(sp.get("max_new_tokens", 16))
+        if not isinstance(s, int) or not isinstance(k, int) or not isinstance(sp.get("max_new_tokens", 16), int):
+            raise BadRequest("logprob_start_len, top_logprobs_num and max_new_tokens must be integers")
+        L, n_new = len(ids), sp.get("max_new_tokens", 16)
         temperature = float(sp.get("temperature", self.default_temperature))
         s = L - 1 if s == -1 else s
         if not 0 <= s <= L:

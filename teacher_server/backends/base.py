@@ -24,6 +24,7 @@ class BackendInfo:
     max_context: int
     dtype: str
     device: str
+    supports_full: bool = True  # False: the backend has top-k only, so `full` requests get a 4xx
 
 
 @dataclass

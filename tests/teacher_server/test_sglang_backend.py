@@ -9,19 +9,24 @@ backend that forgot to send temperature 1.0 would get a different last position.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import ServerProcess, free_port
+from pydantic import ValidationError
 
+from conftest import ServerProcess, free_port
 from shared import codec
-from shared.protocol import ScoreResponse, SessionStep
+from shared.protocol import ScoreRequest, ScoreResponse, SessionStep
+from teacher_server.backends.sglang import TAIL_FLOOR, SGLangBackend, chunks, tail_from_top
+from teacher_server.settings import ServerSettings
 
 FAKE = Path(__file__).resolve().parents[1] / "fake_sglang.py"
 SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, 31, 32, 33], [7]]
@@ -151,9 +156,6 @@ def test_backend_sends_only_known_sampling_params(sglang_teacher: ServerProcess,
 
 
 def test_compatible_requests_share_one_generate_call(fake: FakeSGLang, tiny_model: Path) -> None:
-    from shared.protocol import ScoreRequest
-    from teacher_server.backends.sglang import SGLangBackend
-
     backend = SGLangBackend(str(tiny_model), url=fake.url)
     calls = []
     generate = backend.transport.generate
@@ -164,6 +166,38 @@ def test_compatible_requests_share_one_generate_call(fake: FakeSGLang, tiny_mode
     assert [len(c.input_ids) for c in calls] == [4, 1] and calls[0].logprob_start_len == [0, 0, 1, 0]
     assert [r.start for r in out[1]] == [1, 0] and out[2][0].token_logprobs.shape == (len(SEQS[0]), 1)
     backend.close()
+
+
+class StubEngine:
+    """Stands in for `sglang.Engine` (which needs a GPU): async_generate forwards to the fake server."""
+
+    def __init__(self, url: str, **kwargs: object) -> None:
+        self.url, self.kwargs, self.loop = url, kwargs, asyncio.get_running_loop()
+        self.shut = False
+
+    async def async_generate(self, **body: object) -> list:
+        assert asyncio.get_running_loop() is self.loop, "every call must run on the loop the Engine was built on"
+        async with httpx.AsyncClient() as client:
+            return (await client.post(f"{self.url}/generate", json=body)).json()
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+
+def test_engine_transport_bridges_to_its_own_loop(fake: FakeSGLang, tiny_model: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=lambda **kw: StubEngine(fake.url, **kw)))
+    via_engine = SGLangBackend(str(tiny_model), engine=True, dtype="bfloat16")
+    via_http = SGLangBackend(str(tiny_model), url=fake.url)
+    req = ScoreRequest(sequences=SEQS, start=[2, 1, 0, 0], top_k=6, token_ids=[5])
+    for a, b in zip(via_engine.score([req])[0], via_http.score([req])[0], strict=True):
+        assert np.array_equal(a.top_ids, b.top_ids) and np.array_equal(a.top_logprobs, b.top_logprobs)
+        assert np.array_equal(a.token_logprobs, b.token_logprobs)
+    engine = via_engine.transport.engine  # type: ignore[union-attr]
+    assert engine.kwargs == {"model_path": str(tiny_model), "dtype": "bfloat16"}
+    via_engine.close()
+    via_http.close()
+    assert engine.shut and not via_engine.transport._thread.is_alive()  # type: ignore[union-attr]
 
 
 def meta_of(fake: FakeSGLang, body: dict) -> dict:
@@ -191,3 +225,31 @@ def test_fake_follows_the_documented_protocol(fake: FakeSGLang) -> None:
                  {"input_ids": ids, "token_ids_logprob": [48]}):
         resp = fake.generate({"sampling_params": {"max_new_tokens": 1}, "return_logprob": True, **body})
         assert resp.status_code == 400 and resp.json()["error"], body
+
+
+def test_tail_from_top_matches_exact_tail() -> None:
+    logits = np.random.default_rng(0).normal(size=(6, 50)) * 2
+    lp = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)).astype(np.float32)
+    order = np.argsort(-lp, axis=1)
+    for k in (0, 1, 5, 30):
+        top = np.take_along_axis(lp, order[:, :k], 1)
+        exact = np.logaddexp.reduce(np.take_along_axis(lp, order[:, k:], 1).astype(np.float64), axis=1)
+        assert np.abs(tail_from_top(top) - exact).max() <= 1e-4, k
+    everything = tail_from_top(lp)  # all mass in the top-k: float32 rounding noise, clamped, never nan
+    assert np.all(np.isfinite(everything)) and np.all(np.exp(everything) <= 1e-5)
+    assert tail_from_top(np.zeros((1, 1), np.float32))[0] == np.float32(np.log(TAIL_FLOOR))  # mass 1 exactly
+
+
+def test_chunks_cover_in_order_within_budget() -> None:
+    costs = [3, 5, 2, 9, 1, 1, 4]
+    parts = list(chunks(costs, 6))
+    assert [i for part in parts for i in range(len(costs))[part]] == list(range(len(costs)))
+    assert all(sum(costs[p]) <= 6 or len(costs[p]) == 1 for p in parts) and list(chunks([], 6)) == []
+
+
+def test_settings_need_exactly_one_sglang_target() -> None:
+    with pytest.raises(ValidationError, match="exactly one"):
+        ServerSettings(model="m", backend="sglang")
+    with pytest.raises(ValidationError, match="exactly one"):
+        ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:30000", sglang_engine=True)
+    assert ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:30000").backend == "sglang"

@@ -1,0 +1,323 @@
+"""The SGLang backend: teacher logprobs from an SGLang server over HTTP, or from an in-process Engine.
+
+SGLang returns top-k logprobs only (no full vocabulary, no tail mass), so `full` requests are refused
+(`BackendInfo.supports_full = False`: a 422 `unsupported` before any work is queued) and the tail is
+rebuilt from the top-k. Sessions are stateless calls that resend each row's whole prefix: SGLang's
+radix cache reuses it, so a step costs the new tokens, not the prefix.
+
+Position alignment (docs/sglang.md). Ours: position p is the distribution after ids[:p+1]. SGLang's,
+for `logprob_start_len = s` and a prompt of length L: each input list has L - s entries, entry i is
+about token ids[s+i], entry 0 is null, and input_top_logprobs[i] (i >= 1) is the distribution after
+ids[:s+i]. For positions start..L-1 (n = L - start rows) we send s = start and read row j (p = start+j):
+    j = 0 .. n-2   (p <= L-2):  input_top_logprobs[j + 1]    (after ids[:s+j+1] = ids[:p+1])
+    j = n-1        (p  = L-1):  output_top_logprobs[0]       (max_new_tokens = 1: after all of ids)
+    next_token_logprobs[j] = input_token_logprobs[j + 1]    (logprob of ids[p+1], j = 0 .. n-2)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, TypeAdapter
+
+from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import ScoreRequest, SequenceScores
+from teacher_server.backends.base import Backend, BackendInfo, SessionState, StepArrays, UnsupportedRequest
+
+ENTRY_BUDGET = 1 << 20  # positions x returned logprobs per /generate call: bounds SGLang's memory and our JSON
+TAIL_FLOOR = float(np.finfo(np.float32).tiny)  # mass floor so log(1 - sum(top)) never sees 0 or below
+Entry = tuple[float | None, int, str | None]  # [logprob, token_id, text]; a null logprob (orjson's -inf) is -inf
+Rows = list[list[Entry] | None]  # one entry list per position; null where SGLang has none (input entry 0)
+
+
+class SGLangError(RuntimeError):
+    """SGLang refused a call, or answered something that breaks the documented alignment."""
+
+
+class MetaInfo(BaseModel):
+    """The part of SGLang's `meta_info` we read (pydantic ignores the rest)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+    input_token_logprobs: list[Entry] = []
+    input_top_logprobs: Rows = []
+    output_top_logprobs: Rows = []
+    input_token_ids_logprobs: Rows = []
+    output_token_ids_logprobs: Rows = []
+
+
+class _Output(BaseModel):
+    meta_info: MetaInfo
+
+
+_OUTPUTS = TypeAdapter(list[_Output])
+
+
+def _validated(raw: Any, n: int, from_json: bool) -> list[MetaInfo]:
+    outs = _OUTPUTS.validate_json(raw) if from_json else _OUTPUTS.validate_python(raw)
+    if len(outs) != n:
+        raise SGLangError(f"SGLang answered {len(outs)} results for a batch of {n}")
+    return [o.meta_info for o in outs]
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One batched native `/generate` call, always with max_new_tokens = 1 (for the last position)."""
+
+    input_ids: list[list[int]]
+    logprob_start_len: list[int]
+    top_logprobs_num: int
+    token_ids_logprob: list[int] | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The body. temperature 1.0 is explicit: a model's generation_config may set another default,
+        and output logprobs (our last position) are taken after temperature."""
+        body: dict[str, Any] = {
+            "input_ids": self.input_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+            "return_logprob": True, "logprob_start_len": self.logprob_start_len,
+            "top_logprobs_num": self.top_logprobs_num}
+        if self.token_ids_logprob:
+            body["token_ids_logprob"] = self.token_ids_logprob
+        return body
+
+
+class Transport(Protocol):
+    """How calls reach SGLang: blocking, from the scheduler's model thread."""
+
+    def generate(self, call: GenerateCall) -> list[MetaInfo]: ...
+
+    def close(self) -> None: ...
+
+
+class HTTPTransport:
+    """A running SGLang server (`sglang serve`): native `/generate` through a synchronous client."""
+
+    def __init__(self, url: str, timeout_s: float = 600.0, ready_timeout_s: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        deadline = time.monotonic() + ready_timeout_s
+        while not self._healthy():  # SGLang answers 503 while loading; our /ready stays 503 meanwhile
+            if time.monotonic() > deadline:
+                raise SGLangError(f"SGLang at {self.url} was not healthy after {ready_timeout_s:.0f}s")
+            time.sleep(0.2)
+        info = self.client.get("/server_info").json()
+        self.dtype = str(info.get("dtype", "auto")) if isinstance(info, dict) else "auto"
+
+    def _healthy(self) -> bool:
+        try:
+            return self.client.get("/health", timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def generate(self, call: GenerateCall) -> list[MetaInfo]:
+        resp = self.client.post("/generate", json=call.payload())
+        if resp.status_code != 200:
+            raise SGLangError(f"SGLang /generate answered {resp.status_code}: {resp.text[:500]}")
+        return _validated(resp.content, len(call.input_ids), from_json=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class EngineTransport:
+    """An in-process `sglang.Engine`. UNTESTED with a real SGLang (it needs a GPU): CI drives the bridge
+    below with a stub Engine only.
+
+    Bridge: the Engine's tokenizer manager binds to the event loop it first runs on, while our calls
+    come from the scheduler's worker thread. So the transport owns one private loop on a daemon thread,
+    builds the Engine in a coroutine there (the Engine adopts the running loop) and runs every
+    `async_generate` on it with `run_coroutine_threadsafe(...).result()`. Off the main thread SGLang
+    skips its signal handlers (it logs a warning). `shutdown()` kills every child process of this
+    process; in the teacher server those are SGLang's own.
+    """
+
+    def __init__(self, model: str, dtype: str) -> None:
+        import sglang  # optional extra `sglang`; sets the uvloop policy and the spawn start method
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine-loop", daemon=True)
+        self._thread.start()
+
+        async def build() -> Any:
+            return sglang.Engine(model_path=model, dtype=dtype)
+
+        self.dtype = dtype
+        self.engine = self._run(build())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, call: GenerateCall) -> list[MetaInfo]:
+        out = self._run(self.engine.async_generate(**call.payload()))
+        return _validated(out if isinstance(out, list) else [out], len(call.input_ids), from_json=False)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def tail_from_top(top_lp_N_K: np.ndarray) -> np.ndarray:
+    """log(1 - sum(exp(top))) per row: SGLang returns no tail, so it is rebuilt from the top-k.
+
+    Computed in float64 as log(-expm1(logsumexp(top))), the mass clamped to TAIL_FLOOR. It is only as
+    exact as the top-k values themselves: a tail far below their rounding error is approximate.
+    """
+    lse_N = np.logaddexp.reduce(top_lp_N_K.astype(np.float64), axis=1)  # -inf for k = 0: all mass in the tail
+    return np.log(np.maximum(-np.expm1(np.minimum(lse_N, 0.0)), TAIL_FLOOR)).astype(np.float32)
+
+
+def _lp(value: float | None) -> float:
+    return float("-inf") if value is None else value
+
+
+def _topk(rows: Rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) ids and logprobs, checking that every position holds exactly k entries."""
+    if any(row is None or len(row) != k for row in rows):
+        raise SGLangError(f"SGLang returned a top-k row without exactly {k} entries")
+    entries = [row or [] for row in rows]
+    ids = np.array([[e[1] for e in row] for row in entries], np.int32).reshape(len(rows), k)
+    return ids, np.array([[_lp(e[0]) for e in row] for row in entries], np.float32).reshape(len(rows), k)
+
+
+def _by_id(rows: Rows, token_ids: list[int]) -> np.ndarray:
+    """(n, len(token_ids)) logprobs in the requested order, matched by id (SGLang's order is its own)."""
+    out = np.empty((len(rows), len(token_ids)), np.float32)
+    for r, row in enumerate(rows):
+        found = {e[1]: _lp(e[0]) for e in row or []}
+        if missing := set(token_ids) - found.keys():
+            raise SGLangError(f"SGLang left out the logprobs of token ids {sorted(missing)}")
+        out[r] = [found[t] for t in token_ids]
+    return out
+
+
+def _positions(meta: MetaInfo, field: str, n: int) -> Rows:
+    """Rows for positions start..L-1: input entries 1..n-1, then output entry 0 (the module docstring)."""
+    rows = getattr(meta, f"input_{field}")[1:] + getattr(meta, f"output_{field}")[:1]
+    if len(rows) != n:
+        raise SGLangError(f"SGLang returned {len(rows)} {field} rows where {n} were expected")
+    return rows
+
+
+def sequence_scores(meta: MetaInfo, seq: list[int], start: int, top_k: int,
+                    token_ids: list[int] | None) -> SequenceScores:
+    """One sequence's scores from its `meta_info`, asked with logprob_start_len = start."""
+    n, inputs = len(seq) - start, meta.input_token_logprobs
+    if meta.prompt_tokens != len(seq) or len(inputs) != n:
+        raise SGLangError(f"SGLang returned {len(inputs)} input entries for prompt length {meta.prompt_tokens}, "
+                          f"start {start}; expected {n} for length {len(seq)} (the L - s rule)")
+    if [e[1] for e in inputs] != seq[start:]:
+        raise SGLangError("SGLang's input entries are not about the tokens sent: alignment is off")
+    top_ids, top_lp = _topk(_positions(meta, "top_logprobs", n) if top_k else [[]] * n, top_k)
+    token_lp = None if token_ids is None else _by_id(
+        _positions(meta, "token_ids_logprobs", n) if token_ids else [[]] * n, token_ids)
+    return SequenceScores(start=start, top_ids=top_ids, top_logprobs=top_lp, tail_logprob=tail_from_top(top_lp),
+                          next_token_logprobs=np.array([_lp(e[0]) for e in inputs[1:]], np.float32),
+                          token_logprobs=token_lp)
+
+
+def chunks(costs: list[int], budget: int) -> Iterator[slice]:
+    """Consecutive slices of `costs` whose summed cost stays within budget (at least one item each)."""
+    lo, total = 0, 0
+    for i, cost in enumerate(costs):
+        if i > lo and total + cost > budget:
+            yield slice(lo, i)
+            lo, total = i, 0
+        total += cost
+    if lo < len(costs):
+        yield slice(lo, len(costs))
+
+
+class SGLangSession(SessionState):
+    """A session is just the rows' full prefixes; SGLang's radix cache holds the KV."""
+
+    def __init__(self, prefixes: list[list[int]]) -> None:
+        self.prefixes = prefixes
+
+    @property
+    def lengths(self) -> list[int]:  # type: ignore[override]
+        return [len(p) for p in self.prefixes]
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * sum(len(p) for p in self.prefixes)  # the prefixes we keep (the KV lives in SGLang)
+
+
+class SGLangBackend(Backend):
+    """Scores through SGLang. The model path is still read locally, for the tokenizer and the vocab size."""
+
+    def __init__(self, model: str, url: str | None = None, engine: bool = False, name: str | None = None,
+                 max_context: int | None = None, vocab_size: int | None = None, dtype: str = "auto") -> None:
+        if bool(url) == engine:
+            raise ValueError("the sglang backend needs exactly one of a server URL (--sglang-url) or --sglang-engine")
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model).get_text_config()
+        limit = getattr(config, "max_position_embeddings", None) or 4096
+        vocab = vocab_size or getattr(config, "vocab_size", None) or len(tokenizer)
+        self.transport: HTTPTransport | EngineTransport = HTTPTransport(url) if url else EngineTransport(model, dtype)
+        self.info = BackendInfo(
+            name=name or model, backend="sglang", vocab_size=int(vocab),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_context=int(min(max_context or limit, limit)),
+            dtype=self.transport.dtype, device=f"sglang {url}" if url else "sglang engine", supports_full=False)
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
+        """Sequences of requests that share top_k and token_ids go out in one batched /generate call."""
+        if any(req.full for req in requests):
+            raise UnsupportedRequest("full: SGLang returns top-k logprobs only; ask for top_k and token_ids")
+        out: list[list[Any]] = [[None] * len(req.sequences) for req in requests]
+        starts = [req.starts() for req in requests]
+        groups: dict[tuple[int, tuple[int, ...] | None], list[tuple[int, int]]] = {}
+        for r, req in enumerate(requests):
+            key = (req.top_k, None if req.token_ids is None else tuple(req.token_ids))
+            groups.setdefault(key, []).extend((r, i) for i in range(len(req.sequences)))
+        for (top_k, ids), where in groups.items():
+            items = [(requests[r].sequences[i], starts[r][i]) for r, i in where]
+            for (r, i), res in zip(where, self._scores(items, top_k, None if ids is None else list(ids)), strict=True):
+                out[r][i] = res
+        return out
+
+    def _scores(self, items: list[tuple[list[int], int]], top_k: int,
+                token_ids: list[int] | None) -> list[SequenceScores]:
+        """Scores of (sequence, start) items, in order, in calls of at most ENTRY_BUDGET returned values."""
+        width = max(top_k, 1) + len(token_ids or ())
+        out: list[SequenceScores] = []
+        for part in chunks([(len(seq) - start) * width for seq, start in items], ENTRY_BUDGET):
+            call = GenerateCall([seq for seq, _ in items[part]], [start for _, start in items[part]], top_k, token_ids)
+            out += [sequence_scores(meta, seq, start, top_k, token_ids)
+                    for meta, (seq, start) in zip(self.transport.generate(call), items[part], strict=True)]
+        return out
+
+    def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[SGLangSession, StepArrays]:
+        prefixes = [list(seq) for seq in sequences]
+        return SGLangSession(prefixes), self._last(prefixes, top_k)
+
+    def extend_session(self, state: SGLangSession, rows: list[int], tokens: list[list[int]],
+                       top_k: int) -> StepArrays:
+        grown = [state.prefixes[r] + list(t) for r, t in zip(rows, tokens, strict=True)]
+        step = self._last(grown, top_k)
+        for r, prefix in zip(rows, grown, strict=True):  # only once SGLang has answered
+            state.prefixes[r] = prefix
+        return step
+
+    def _last(self, seqs: list[list[int]], top_k: int) -> StepArrays:
+        """Next-token top-k after each whole sequence: position L-1, so logprob_start_len = L - 1.
+
+        That returns only the null input entry plus output_top_logprobs[0]; and as radix-cache reuse is
+        capped at the start, up to L - 1 tokens are reused: everything the previous step sent.
+        """
+        res = self._scores([(seq, len(seq) - 1) for seq in seqs], top_k, None)
+        return StepArrays(top_ids=np.concatenate([r.top_ids for r in res]),
+                          top_logprobs=np.concatenate([r.top_logprobs for r in res]),
+                          tail_logprob=np.concatenate([r.tail_logprob for r in res]))
+
+    def close(self) -> None:
+        self.transport.close()
