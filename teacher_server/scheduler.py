@@ -1,15 +1,21 @@
-"""One worker owns the model; clients take turns, and compatible score requests share a forward.
+"""One worker owns the model; clients share it fairly, and compatible score requests share a forward.
 
 Why a scheduler: a shared teacher serves many experiments at once. FIFO would let one client with
-a deep queue starve everyone else, so each client has its own queue and the worker serves them
-round-robin. Score requests that arrive together are batched into one backend call (up to a token
-budget); session steps run alone because each owns its KV cache.
+a deep queue starve everyone else, and plain round-robin still makes a light client wait behind
+one request of every heavy client. So each client has its own queue and a *virtual time*: the
+model seconds it has used. The worker always serves the queued client with the least virtual
+time (start-time fair queuing). A client returning from idle starts at the current minimum, so it
+cannot bank credit, but a light client is served as soon as the running job ends.
+
+Score requests that arrive together are batched into one backend call (up to a token budget);
+session steps run alone because each owns its KV cache.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +43,8 @@ class FairScheduler:
         self.backend = backend
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._queues: dict[str, deque[_Job]] = {}
+        self._vtime: dict[str, float] = {}  # model seconds used, per client (see module doc)
         self._depth = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-model")
@@ -69,42 +76,63 @@ class FairScheduler:
     async def _submit(self, job: _Job) -> Any:
         if self._depth >= self.max_queue:
             raise Overloaded(f"the teacher queue is full ({self.max_queue} requests waiting)")
-        self._queues.setdefault(job.client, deque()).append(job)
+        if job.client not in self._queues:  # back from idle: no credit for the time away
+            self._vtime[job.client] = max(self._vtime.get(job.client, 0.0), self._floor())
+            self._queues[job.client] = deque()
+        self._queues[job.client].append(job)
         self._depth += 1
         self._wakeup.set()
         return await job.future
 
-    def _pop(self) -> _Job | None:
-        """The head job of the next client in round-robin order, skipping cancelled ones."""
-        while self._queues:
-            client, queue = next(iter(self._queues.items()))
-            job = queue.popleft()
-            self._depth -= 1
-            if queue:
-                self._queues.move_to_end(client)
-            else:
-                del self._queues[client]
-            if not job.future.done():
-                return job
-        return None
+    def _floor(self) -> float:
+        """The least virtual time among queued clients (the system's virtual clock)."""
+        return min((self._vtime[c] for c in self._queues), default=min(self._vtime.values(), default=0.0))
 
-    def _peek_is_score(self) -> bool:
-        return bool(self._queues) and next(iter(self._queues.values()))[0].request is not None
+    def _order(self) -> list[str]:
+        return sorted(self._queues, key=lambda c: self._vtime[c])
+
+    def _pop_from(self, client: str) -> _Job | None:
+        queue = self._queues[client]
+        job = queue.popleft()
+        self._depth -= 1
+        if not queue:
+            del self._queues[client]
+        return None if job.future.done() else job  # a client that hung up: skip its job
 
     def _next_batch(self) -> list[_Job]:
-        first = self._pop()
-        if first is None or first.request is None:
-            return [first] if first else []
-        batch, tokens = [first], first.tokens
-        while self._peek_is_score():
-            head = next(iter(self._queues.values()))[0]
-            if tokens + head.tokens > self.max_batch_tokens:
+        """The least-served client's next job, plus other clients' score jobs that fit alongside."""
+        while self._queues:
+            first = self._pop_from(self._order()[0])
+            if first is not None:
                 break
-            job = self._pop()
-            if job is not None:
-                batch.append(job)
-                tokens += job.tokens
+        else:
+            return []
+        if first.request is None:
+            return [first]
+        batch, tokens, grew = [first], first.tokens, True
+        while grew:  # pass over the clients, least served first, until nothing more fits
+            grew = False
+            for client in self._order():
+                head = self._queues[client][0]
+                if head.request is None or tokens + head.tokens > self.max_batch_tokens:
+                    continue
+                job = self._pop_from(client)
+                grew = True
+                if job is not None:
+                    batch.append(job)
+                    tokens += job.tokens
         return batch
+
+    def _charge(self, batch: list[_Job], seconds: float) -> None:
+        """Bill each client its share of the model time, by tokens."""
+        total = sum(j.tokens for j in batch) or 1
+        for job in batch:
+            self._vtime[job.client] = self._vtime.get(job.client, 0.0) + seconds * job.tokens / total
+        idle = [c for c in self._vtime if c not in self._queues and c not in {j.client for j in batch}]
+        floor = self._floor()
+        for client in idle:  # forget idle clients at or below the floor: they would restart there anyway
+            if self._vtime[client] <= floor:
+                del self._vtime[client]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,7 +148,9 @@ class FairScheduler:
                     fn = lambda: self.backend.score([j.request for j in batch])  # noqa: E731
                 else:
                     fn = batch[0].call
+                started = time.perf_counter()
                 results = await loop.run_in_executor(self._executor, fn)
+                self._charge(batch, time.perf_counter() - started)
                 if batch[0].request is None:
                     results = [results]
                 for job, result in zip(batch, results, strict=True):

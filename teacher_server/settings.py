@@ -26,7 +26,7 @@ class ServerSettings(BaseSettings):
     allow_full: bool = False
     max_full_values: int = 16_000_000
     max_queue: int = 256
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 4096
     session_ttl_s: float = 600.0
     max_sessions: int = 256
     max_session_bytes: int = 2 << 30
