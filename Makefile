@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean test-compose
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m student_trainer.demo
+
+# docker compose up for real (a private dockerd, offline image builds); see docs/deploy.md.
+test-compose: $(STAMP)
+	deploy/test_compose.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# `make test-compose`: build the images and run docker-compose.yml (+ docker-compose.ci.yml) for real:
+# the teacher must become healthy, the trainer must finish its tiny run with exit status 0, print
+# the run summary and leave a checkpoint in the `runs` volume.
+#
+# The Docker engine is private to this script: Debian's docker.io + docker-compose (installed with
+# apt-get when missing), dockerd on its own data root, socket and exec root under $TRB_COMPOSE_DIR,
+# with no bridge and no iptables; every container uses the host network on 127.0.0.1. The base
+# image comes from debootstrap (no registry needed), the Python dependencies from a wheelhouse in
+# deploy/wheels/, so image builds run with no network at all. The daemon's data root (layer
+# cache) and the base rootfs are kept between runs; TRB_COMPOSE_FRESH=1 starts from scratch.
+#
+# If no engine can be installed or started, it prints a line starting with
+# "SKIPPED: test-compose:" and exits 0. Every other problem is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STATE=${TRB_COMPOSE_DIR:-/tmp/trb-compose}
+SUITE=bookworm                     # the images' Python (3.11) must match the wheelhouse
+BASE_IMAGE=trb-localbase:$SUITE
+PROJECT=trbci
+RUN_NAME=ci-trb
+STEPS=${TRB_STEPS:-3}
+UP_TIMEOUT=${TRB_COMPOSE_UP_TIMEOUT:-900}
+SOCK=$STATE/docker.sock
+COMPOSE_FILES=(-f docker-compose.yml -f docker-compose.ci.yml)
+DOCKERD_PID=
+CREATED_POLICY=
+COMPOSE=()
+STARTED=$(date +%s)
+
+log() { printf '[test-compose +%ss] %s\n' "$(($(date +%s) - STARTED))" "$*"; }
+skip() { printf '\n%s\nSKIPPED: test-compose: %s\n%s\n\n' "$(printf '!%.0s' {1..72})" "$*" "$(printf '!%.0s' {1..72})"; exit 0; }
+fail() { printf 'FAILED: test-compose: %s\n' "$*" >&2; exit 1; }
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+        if [ ${#COMPOSE[@]} -gt 0 ]; then
+            log "tearing down the stack"
+            timeout 120 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" down -v --remove-orphans -t 10 \
+                >/dev/null 2>&1 || log "compose down failed (the daemon's shutdown stops what is left)"
+        fi
+        log "stopping dockerd (pid $DOCKERD_PID)"
+        kill "$DOCKERD_PID" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+        kill -0 "$DOCKERD_PID" 2>/dev/null && kill -9 "$DOCKERD_PID" 2>/dev/null
+        wait "$DOCKERD_PID" 2>/dev/null || true
+        # dockerd leaves its host network namespace mounted under the exec root.
+        awk -v d="$STATE/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount 2>/dev/null || true
+    fi
+    [ -n "$CREATED_POLICY" ] && rm -f /usr/sbin/policy-rc.d
+    log "done (exit $rc)"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+install_tools() {
+    have dockerd && have docker && have docker-compose && have debootstrap && return 0
+    [ "$(id -u)" = 0 ] || skip "dockerd/docker-compose/debootstrap missing and not root to apt-get install them"
+    have apt-get || skip "dockerd/docker-compose/debootstrap missing and no apt-get to install them"
+    log "installing docker.io docker-compose debootstrap (apt-get)"
+    if [ ! -e /usr/sbin/policy-rc.d ]; then  # never let the package start a system dockerd (docker0 bridge)
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        CREATED_POLICY=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 600 apt-get update -qq || skip "apt-get update failed"
+    timeout 900 apt-get install -y -qq --no-install-recommends docker.io docker-compose debootstrap \
+        ca-certificates >/dev/null || skip "apt-get install docker.io docker-compose debootstrap failed"
+}
+
+pick_compose() {
+    if have docker-compose; then COMPOSE=(docker-compose)
+    elif docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
+    else skip "no docker-compose and no docker compose plugin"; fi
+    log "compose: $("${COMPOSE[@]}" version 2>/dev/null | head -n 1)"
+}
+
+start_dockerd() {
+    mkdir -p "$STATE"
+    # One run at a time per state folder; dockerd must not inherit the lock (fd 9).
+    exec 9>"$STATE/lock"
+    flock -w 1200 9 || fail "another test-compose run holds $STATE/lock"
+    # A daemon left by a killed run of this script (the lock is free, so that run is gone): stop it.
+    if [ -f "$STATE/dockerd.pid" ]; then
+        local old; old=$(cat "$STATE/dockerd.pid")
+        if kill -0 "$old" 2>/dev/null && tr '\0' ' ' < "/proc/$old/cmdline" | grep -q -- "--data-root $STATE/data"; then
+            log "stopping a dockerd left by an earlier run (pid $old)"
+            kill "$old"; for _ in $(seq 60); do kill -0 "$old" 2>/dev/null || break; sleep 0.5; done
+        fi
+        rm -f "$STATE/dockerd.pid"
+    fi
+    if [ "${TRB_COMPOSE_FRESH:-0}" = 1 ]; then
+        log "TRB_COMPOSE_FRESH=1: removing the cached images and rootfs in $STATE"
+        find "$STATE" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf {} +
+    fi
+    log "starting dockerd (data root $STATE/data, no bridge, no iptables)"
+    dockerd --data-root "$STATE/data" --exec-root "$STATE/exec" --pidfile "$STATE/dockerd.pid" \
+        --host "unix://$SOCK" --bridge=none --iptables=false --ip-forward=false --ip-masq=false \
+        >"$STATE/dockerd.log" 2>&1 9>&- &
+    DOCKERD_PID=$!
+    export DOCKER_HOST=unix://$SOCK DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
+    for _ in $(seq 60); do
+        docker version >/dev/null 2>&1 && break
+        kill -0 "$DOCKERD_PID" 2>/dev/null || break
+        sleep 1
+    done
+    if ! docker version >/dev/null 2>&1; then
+        tail -n 20 "$STATE/dockerd.log" | sed 's/^/  dockerd: /'
+        skip "dockerd did not start (log: $STATE/dockerd.log)"
+    fi
+    log "dockerd $(docker version --format '{{.Server.Version}}') up, storage $(docker info --format '{{.Driver}}')"
+}
+
+debian_mirror() {
+    local uri
+    uri=$(grep -hs -m1 -oE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list \
+        | head -n 1 | tr -d ' ')
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+base_image() {
+    docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && { log "base image $BASE_IMAGE cached"; return; }
+    local tarball=$STATE/rootfs-$SUITE.tar
+    if [ ! -s "$tarball" ]; then
+        local mirror; mirror=$(debian_mirror)
+        log "debootstrap $SUITE from $mirror (about a minute)"
+        rm -rf "$STATE/rootfs"
+        timeout 900 debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$STATE/rootfs" "$mirror" \
+            >"$STATE/debootstrap.log" 2>&1 || { tail -n 20 "$STATE/debootstrap.log"; fail "debootstrap failed"; }
+        rm -rf "$STATE/rootfs/var/cache/apt/archives/"*.deb "$STATE/rootfs/var/lib/apt/lists/"*
+        tar -C "$STATE/rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+        rm -rf "$STATE/rootfs"
+    fi
+    log "importing the base image $BASE_IMAGE"
+    timeout 300 docker import "$tarball" "$BASE_IMAGE" >/dev/null
+}
+
+wheelhouse() {
+    python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+        || fail "python3 here is not 3.11: the wheelhouse must match the images' Python 3.11"
+    log "filling deploy/wheels/ (CPU torch and every dependency)"
+    python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > "$STATE/requirements.txt"
+    timeout 900 python3 -m pip download -q --disable-pip-version-check -d deploy/wheels -c constraints.txt \
+        -r "$STATE/requirements.txt" "setuptools>=68" pip >"$STATE/pip.log" 2>&1 \
+        || { grep -v 'is ignored' "$STATE/pip.log" | tail -n 20; fail "pip download into deploy/wheels failed"; }
+    ls deploy/wheels/torch-*+cpu-*.whl >/dev/null 2>&1 || fail "no CPU torch wheel in deploy/wheels (pip picked another build)"
+}
+
+models() {
+    # The shipped models; stand-ins (random, same tokenizer) until they exist in the tree.
+    if [ -f models/arith-teacher/config.json ] && [ -f models/arith-student/config.json ]; then
+        export MODELS_DIR=$PWD/models
+    else
+        export MODELS_DIR=$STATE/standin-models
+        log "WARNING: models/arith-teacher or models/arith-student missing; using random stand-ins in $MODELS_DIR"
+        local py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
+        HF_HUB_DISABLE_PROGRESS_BARS=1 timeout 300 "$py" - "$MODELS_DIR" <<'PY'
+import sys
+from pathlib import Path
+
+from student_trainer.tasks.sft import ModelShape, build_model
+from student_trainer.tasks.tokenizer import build_tokenizer
+
+root, tok = Path(sys.argv[1]), build_tokenizer()
+for name, shape, seed in (("arith-teacher", ModelShape(hidden=64, layers=2), 1), ("arith-student", ModelShape(hidden=32, layers=1), 2)):
+    build_model(tok, shape, seed).save_pretrained(root / name)
+    tok.save_pretrained(root / name)
+PY
+    fi
+    # The containers run as an unprivileged user; save_pretrained writes model.safetensors as 0600.
+    if [ -n "$(find "$MODELS_DIR" ! -perm -o+r -print -quit)" ]; then
+        log "making $MODELS_DIR readable for the containers' user (chmod -R a+rX)"
+        chmod -R a+rX "$MODELS_DIR"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+check_run() {
+    local out=$1
+    grep -q "run summary" "$out" || fail "the trainer printed no run summary"
+    grep -q "final_accuracy" "$out" || fail "the run summary has no final_accuracy"
+    log "the trainer's summary:"
+    sed -n '/run summary/,$p' "$out" | grep -E '^trainer' | head -n 20
+    local ckpt
+    ckpt=$(timeout 120 docker run --rm --network none -v "${PROJECT}_runs:/runs:ro" --entrypoint sh \
+        trb-distill/trainer:local -c "cd /runs/$RUN_NAME/checkpoints && d=\$(cat latest) \
+        && test -f \$d/config.json && test -f \$d/trainer_state.pt && ls \$d/*.safetensors >/dev/null && echo \$d") \
+        || fail "no complete checkpoint under /runs/$RUN_NAME/checkpoints in the runs volume"
+    log "checkpoint in the runs volume: /runs/$RUN_NAME/checkpoints/$ckpt"
+    [ "$ckpt" = "$(printf 'step_%06d' "$STEPS")" ] || log "WARNING: expected step_$(printf '%06d' "$STEPS"), found $ckpt"
+}
+
+main() {
+    install_tools
+    start_dockerd
+    pick_compose
+    base_image
+    wheelhouse
+    models
+    export TRB_BASE_IMAGE=$BASE_IMAGE TRB_STEPS=$STEPS TRB_RUN=$RUN_NAME
+    export TRB_API_KEY=ci-$(python3 -c 'import secrets; print(secrets.token_hex(12))')
+    export TEACHER_PORT=${TEACHER_PORT:-$(free_port)}
+    unset STUDENT_MODEL TEACHER_MODEL
+
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" config -q || fail "compose files do not validate"
+    log "building the teacher and trainer images (offline)"
+    timeout 1500 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" build teacher trainer >"$STATE/build.log" 2>&1 \
+        || { tail -n 40 "$STATE/build.log"; fail "image build failed (log: $STATE/build.log)"; }
+    docker image prune -f >/dev/null || true   # earlier builds' layers; the current build cache stays
+    docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' | grep trb-distill || true
+
+    log "docker-compose up (teacher on 127.0.0.1:$TEACHER_PORT, $STEPS trainer steps, limit ${UP_TIMEOUT}s)"
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+    local out=$STATE/up.log rc
+    set +e
+    timeout "$UP_TIMEOUT" "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" up --no-build --no-color \
+        --abort-on-container-exit --exit-code-from trainer teacher trainer 2>&1 | tee "$out"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" != 0 ]; then
+        log "the containers' last lines:"
+        timeout 60 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" logs --no-color --tail 40 teacher trainer || true
+        docker ps -a --format '  {{.Names}}: {{.Status}}' || true
+    fi
+    [ "$rc" = 124 ] && fail "docker-compose up did not finish within ${UP_TIMEOUT}s"
+    [ "$rc" = 0 ] || fail "docker-compose up exited with status $rc (the trainer's, or compose's own error above)"
+    check_run "$out"
+    [ -z "$(docker network ls -q --filter driver=bridge)" ] || fail "a bridge network exists; everything must stay on the host's 127.0.0.1"
+    log "PASSED: test-compose in $(($(date +%s) - STARTED))s"
+}
+
+main "$@"
