@@ -5,6 +5,7 @@ Every section forbids unknown keys, so a typo fails before any work with the key
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,8 @@ class TeacherCfg(_Section):
     url: str | None = Field(None, description="Running teacher server; None starts one locally.")
     model: str | None = Field(None, description="Teacher model for the local server (when url is None).")
     top_k: int = Field(20, ge=1)
-    api_key: str | None = None
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("TRB_API_KEY") or None,
+                                description="Key for a teacher that requires one (default: $TRB_API_KEY).")
     timeout_s: float = 120.0
     threads: int | None = Field(None, description="torch threads of the local teacher server.")
 
@@ -80,6 +82,8 @@ class TrainCfg(_Section):
 
 
 class Config(_Section):
+    """A whole run. `public()` is what gets written to run folders: everything but secrets."""
+
     student: StudentCfg
     teacher: TeacherCfg
     method: MethodCfg = MethodCfg()
@@ -95,6 +99,9 @@ class Config(_Section):
         if self.method.name == "skd" and self.method.skd_top_k > self.teacher.top_k:
             raise ValueError(f"method.skd_top_k: {self.method.skd_top_k} exceeds teacher.top_k={self.teacher.top_k}")
         return self
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"teacher": {"api_key"}})
 
 
 class ConfigError(ValueError):

@@ -130,7 +130,7 @@ async def train_step(run: Run) -> dict[str, Any]:
 
 def _state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(), "config": run.cfg.model_dump()}
+            "rng": checkpoint.rng_state(), "config": run.cfg.public()}
 
 
 async def evaluate_now(run: Run, probe: Any, eval_set: list) -> dict[str, float]:
@@ -144,7 +144,7 @@ async def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a distillation run; returns the end-of-run summary."""
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.public(), sort_keys=False))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     ckpt = checkpoint.latest(out / "checkpoints") if resume else None
