@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean test-compose
+.PHONY: install test demo reproduce clean test-compose
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m student_trainer.demo
+
+# The paper's comparison on the arithmetic task (not in CI): writes docs/results.md and docs/results.png.
+reproduce: $(STAMP)
+	$(BIN)/python scripts/reproduce.py
 
 # docker compose up for real (a private dockerd, offline image builds); see docs/deploy.md.
 test-compose: $(STAMP)

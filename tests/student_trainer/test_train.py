@@ -138,3 +138,10 @@ def test_cli_fails_fast_on_bad_config(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "student_trainer.cli", "--config", str(cfg)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "train.batch_size" in proc.stderr
+
+
+def test_api_key_comes_from_env_and_is_never_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRB_API_KEY", "s3cret-key-123")
+    cfg = load_config(None, ["student.path=x", "teacher.url=http://127.0.0.1:1"])
+    assert cfg.teacher.api_key == "s3cret-key-123"
+    assert "s3cret" not in str(cfg.public())
