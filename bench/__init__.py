@@ -1,0 +1,1 @@
+"""Benchmarks: compared variants in one process, ratios against targets (see docs/performance.md)."""
