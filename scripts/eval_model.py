@@ -63,7 +63,8 @@ def main() -> None:
     for p, c in failures[: args.show]:
         print(f"FAIL {p.prompt.strip()!r}: got {c!r}, want {p.solution!r}")
     print(f"difficulty {difficulty}")
-    print(f"accuracy {accuracy:.4f} ({len(problems) - len(failures)}/{len(problems)}, {args.split} seed {args.seed}) in {seconds:.1f} s")
+    n_ok = len(problems) - len(failures)
+    print(f"accuracy {accuracy:.4f} ({n_ok}/{len(problems)}, {args.split} seed {args.seed}) in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

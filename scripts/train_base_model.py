@@ -3,7 +3,7 @@
 This is the script that made models/arith-teacher and models/arith-student; each model card holds
 the exact command. Run from the repository root:
 
-    python -m scripts.train_base_model --preset teacher --steps 3000 --out models/arith-teacher
+    python -m scripts.train_base_model --preset teacher --steps 4000 --out models/arith-teacher
 
 The output folder gets config + safetensors weights (float32), tokenizer files, `task.json` (the
 task difficulty and the evaluation sample, so `scripts.eval_model` measures the same thing) and a
@@ -29,8 +29,8 @@ from student_trainer.tasks.sft import ModelShape, SFTConfig, build_model, count_
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 PRESETS = {
-    "teacher": ModelShape(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384),
-    "student": ModelShape(hidden=64, layers=3, heads=2, kv_heads=2, intermediate=192),
+    "teacher": ModelShape(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384, rope_theta=500.0),
+    "student": ModelShape(hidden=96, layers=3, heads=3, kv_heads=3, intermediate=256, rope_theta=500.0),
 }
 DATA_SEED_OFFSET = 1000  # training problems use seed + this, so they never reuse the eval seed's stream
 
@@ -40,14 +40,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="teacher")
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--notes", default="", help="free text for the model card (what was tried)")
     for field in dataclasses.fields(arithmetic.Difficulty):
         ap.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     return ap.parse_args()
@@ -60,14 +59,14 @@ def difficulty_from(args: argparse.Namespace) -> dict:
 
 def machine() -> str:
     """A one-line description of where this ran (for the model card)."""
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads={torch.get_num_threads()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch threads={torch.get_num_threads()}"
 
 
 def model_card(name: str, info: dict) -> str:
     """The README.md written next to the weights: size, accuracy, how it was made."""
     shape = ", ".join(f"{k}={v}" for k, v in info["shape"].items())
     accs = "\n".join(f"| {n} | {a:.3f} |" for n, a in info["accuracy"].items())
-    notes = f"\n## Notes\n\n{info['notes']}\n" if info["notes"] else ""
     return f"""# {name}
 
 A tiny Qwen3 causal LM trained from scratch by supervised fine-tuning on the built-in arithmetic
@@ -77,7 +76,7 @@ task (`student_trainer/tasks/arithmetic.py`), character-level tokenizer
 - Parameters: {info["parameters"]:,} ({shape})
 - Task difficulty: `{json.dumps(info["difficulty"])}`
 - Training: {info["steps"]} steps x batch {info["batch_size"]}, lr {info["lr"]}, seed {info["seed"]}
-- Training wall time: {info["train_seconds"]:.0f} s on {info["machine"]}
+- Training time: {info["train_seconds"]:.0f} s wall, {info["train_cpu_seconds"]:.0f} s CPU, on {info["machine"]}
 
 ## Greedy pass@1 (test split, seed {info["eval_seed"]}, first n problems)
 
@@ -92,7 +91,7 @@ Measure it again with:
 ## Command that made it (from the repository root)
 
     {info["command"]}
-{notes}"""
+"""
 
 
 def main() -> None:
@@ -105,16 +104,18 @@ def main() -> None:
     cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed)
     n_params = count_parameters(model)
     print(f"{args.preset}: {n_params:,} parameters, difficulty {difficulty}")
-    problems = arithmetic.generate(cfg.steps * cfg.batch_size, args.seed + DATA_SEED_OFFSET, "train", **difficulty)
+    n_train = cfg.steps * cfg.batch_size
+    problems = arithmetic.generate(n_train, args.seed + DATA_SEED_OFFSET, "train", distinct=False, **difficulty)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train(model, tokenizer, problems, cfg)
-    train_seconds = time.perf_counter() - start
+    train_seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     test = arithmetic.generate(args.eval_n, args.eval_seed, "test", **difficulty)
     max_new = max(len(p.solution) for p in test) + 16
-    accuracy = {n: evaluate(model, tokenizer, test[:n], max_new_tokens=max_new)[0] for n in (200, args.eval_n)}
-    print(f"trained in {train_seconds:.0f} s; greedy accuracy {accuracy}")
+    sizes = sorted({min(200, args.eval_n), args.eval_n})
+    accuracy = {n: evaluate(model, tokenizer, test[:n], max_new_tokens=max_new)[0] for n in sizes}
+    print(f"trained in {train_seconds:.0f} s wall, {cpu_seconds:.0f} s CPU; greedy accuracy {accuracy}")
 
     info = {
         "parameters": n_params,
@@ -125,13 +126,13 @@ def main() -> None:
         "lr": cfg.lr,
         "seed": cfg.seed,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": cpu_seconds,
         "machine": machine(),
         "eval_seed": args.eval_seed,
         "eval_n": args.eval_n,
         "accuracy": {str(n): a for n, a in accuracy.items()},
         "command": "python -m scripts.train_base_model " + shlex.join(sys.argv[1:]),
         "out": str(args.out),
-        "notes": args.notes,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer.tasks import arithmetic
-from student_trainer.tasks.sft import evaluate
+from student_trainer.tasks.sft import evaluate, greedy_complete
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -64,3 +64,14 @@ def test_student_starts_weak_as_stated() -> None:
     accuracy, info = _accuracy_on_200("arith-student")
     assert 0.05 <= accuracy <= 0.5
     assert accuracy == pytest.approx(info["accuracy"]["200"], abs=0.01)
+
+
+def test_batched_left_padded_greedy_equals_one_at_a_time() -> None:
+    """Left padding and the KV cache must not change greedy outputs (prompts of mixed lengths)."""
+    torch.set_num_threads(1)
+    model, tokenizer, info = _load("arith-student")
+    prompts = [p.prompt for p in arithmetic.generate(24, 11, "test", **info["difficulty"])]
+    assert len({len(p) for p in prompts}) > 1
+    batched = greedy_complete(model, tokenizer, prompts, max_new_tokens=64, batch_size=24)
+    single = greedy_complete(model, tokenizer, prompts, max_new_tokens=64, batch_size=1)
+    assert batched == single

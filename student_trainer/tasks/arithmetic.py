@@ -6,14 +6,17 @@ later line, which is the regime where on-policy distillation beats plain SFT.
 
 Format (prompt, then solution; the trainer appends EOS after the solution)::
 
-    48-3*7+15\n            <- prompt: the expression and a newline
-    =48-21+15\n            <- each line rewrites the expression with one operation done
-    =27+15\n                  (leftmost `*` first, then `+`/`-` left to right)
-    =42\n
-    #### 42                <- final answer line
+    Q: 7*8-9+3*4\n        <- prompt: a fixed "Q: ", the expression, a newline
+    =56-9+3*4\n            <- each line rewrites the expression with one operation done
+    =56-9+12\n                (leftmost `*` first, then `+`/`-` left to right)
+    =47+12\n
+    =59\n
+    #### 59                <- final answer line: a copy of the last value
 
-Train and test splits are disjoint by construction: a problem belongs to the split chosen by a
-stable hash of its prompt, so no test prompt can ever be generated for training.
+The fixed "Q: " gives every sequence the same first tokens (tiny models train faster with a
+constant start to attend to; there is no BOS). Train and test splits are disjoint by construction:
+a problem belongs to the split chosen by a stable hash of its expression, so no test prompt can
+ever be generated for training.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import random
 import re
 from dataclasses import dataclass
 
+PROMPT_PREFIX = "Q: "
 ANSWER_PREFIX = "#### "
 OPERATORS = "+-*"
 TEST_FRACTION = 0.1
-_ANSWER_RE = re.compile(r"####[ \t]*(-?\d+)[ \t]*$")
+_ANSWER_RE = re.compile(r"####[ \t]*(-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,18 @@ class Difficulty:
     min_operands, max_operands: how many numbers appear in the expression.
     operators: which of `+`, `-`, `*` may appear.
     max_factors: most numbers in one product term (3 allows "4*5*7", i.e. 20*7 as a step).
+
+    The defaults are the shipped models' task. min_operands is 3 because the 2-operand space of
+    1-digit numbers is only ~300 expressions: a model memorises the train ones and fails the ~30
+    held-out ones (the first teacher scored 17% on them and 99% on 3-5 operands).
     """
 
-    digits: int = 2
+    digits: int = 1
     mul_digits: int = 1
-    min_operands: int = 2
-    max_operands: int = 4
+    min_operands: int = 3
+    max_operands: int = 5
     operators: str = OPERATORS
-    max_factors: int = 3
+    max_factors: int = 2
 
     def __post_init__(self) -> None:
         if not self.operators or set(self.operators) - set(OPERATORS):
@@ -65,9 +73,9 @@ class Difficulty:
             raise ValueError("digits and mul_digits must be >= 1, max_factors >= 2")
 
 
-def split_of(prompt: str) -> str:
-    """The split ("train" or "test") that owns `prompt`; stable across processes and machines."""
-    digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+def split_of(expression: str) -> str:
+    """The split ("train" or "test") that owns `expression`; stable across processes and machines."""
+    digest = hashlib.blake2b(expression.encode(), digest_size=8).digest()
     bucket = int.from_bytes(digest, "big") / 2**64
     return "test" if bucket < TEST_FRACTION else "train"
 
@@ -135,15 +143,17 @@ def make_problem(expression: str) -> Problem | None:
     lines = solve(expression)
     if lines is None:
         return None
-    body = "".join(f"={line}\n" for line in lines)
-    return Problem(prompt=expression + "\n", solution=f"{body}{ANSWER_PREFIX}{lines[-1]}", answer=lines[-1])
+    solution = "".join(f"={line}\n" for line in lines) + ANSWER_PREFIX + lines[-1]
+    return Problem(prompt=f"{PROMPT_PREFIX}{expression}\n", solution=solution, answer=lines[-1])
 
 
-def generate(n: int, seed: int, split: str = "train", **difficulty: object) -> list[Problem]:
-    """`n` distinct problems of `split`, deterministic in (seed, split, difficulty).
+def generate(n: int, seed: int, split: str = "train", distinct: bool = True, **difficulty: object) -> list[Problem]:
+    """`n` problems of `split`, deterministic in (seed, split, distinct, difficulty).
 
-    The difficulty keywords are the fields of `Difficulty`. Problems are distinct within one call so
-    that a test sample measures `n` different questions.
+    The difficulty keywords are the fields of `Difficulty`. With `distinct` (the default) no prompt
+    repeats, so a test sample measures `n` different questions. Pass distinct=False for large
+    training sets: deduplication would exhaust the small space of short problems early and leave
+    the rest of the set with long ones only (a teacher trained that way forgot 3-operand problems).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -157,7 +167,7 @@ def generate(n: int, seed: int, split: str = "train", **difficulty: object) -> l
         if attempts > 50 * n + 10_000:
             raise ValueError(f"could not find {n} distinct {split} problems at {d}")
         expression = "".join(_random_expression(rng, d))
-        if expression in seen or split_of(expression + "\n") != split:
+        if (distinct and expression in seen) or split_of(expression) != split:
             continue
         problem = make_problem(expression)
         if problem is not None:
@@ -175,10 +185,8 @@ def extract_answer(text: str) -> str | None:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return None
-    match = _ANSWER_RE.search(lines[-1].strip())
-    if match is None or not lines[-1].strip().startswith("####"):
-        return None
-    return str(int(match.group(1)))
+    match = _ANSWER_RE.fullmatch(lines[-1].strip())
+    return None if match is None else str(int(match.group(1)))
 
 
 def verify(completion_text: str, problem: Problem) -> bool:

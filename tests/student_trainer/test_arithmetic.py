@@ -14,6 +14,7 @@ from student_trainer.tasks.arithmetic import (
     split_of,
     verify,
 )
+from student_trainer.tasks.sft import IGNORE, encode_batch
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 
@@ -26,11 +27,21 @@ def test_problems_are_distinct_and_in_their_split() -> None:
     for split in ("train", "test"):
         problems = generate(300, seed=0, split=split)
         assert len({p.prompt for p in problems}) == 300
-        assert all(split_of(p.prompt) == split for p in problems)
+        assert all(split_of(p.prompt[3:].strip()) == split for p in problems)
+
+
+def test_non_distinct_sampling_keeps_the_operand_mix() -> None:
+    """Large training sets sample i.i.d.: short problems stay a steady share to the end."""
+    problems = generate(20_000, seed=0, split="train", distinct=False)
+    assert len({p.prompt for p in problems}) < len(problems)
+    tail = problems[-5000:]
+    three = sum(p.prompt.count("+") + p.prompt.count("-") + p.prompt.count("*") == 2 for p in tail)
+    assert 0.25 < three / len(tail) < 0.4
+    assert generate(100, seed=0, split="train", distinct=False) == problems[:100]
 
 
 def test_train_and_test_never_share_a_prompt() -> None:
-    train = {p.prompt for p in generate(3000, seed=0, split="train")}
+    train = {p.prompt for p in generate(20_000, seed=0, split="train", distinct=False)}
     test = {p.prompt for p in generate(300, seed=0, split="test")}
     assert not train & test
 
@@ -38,13 +49,13 @@ def test_train_and_test_never_share_a_prompt() -> None:
 def test_difficulty_knobs_are_respected() -> None:
     problems = generate(200, seed=1, split="train", digits=3, min_operands=3, max_operands=3, operators="+")
     for p in problems:
-        numbers = p.prompt.strip().split("+")
+        numbers = p.prompt[3:].strip().split("+")
         assert len(numbers) == 3 and all(1 <= len(n) <= 3 for n in numbers)
 
 
 def test_reference_solution_is_correct_arithmetic() -> None:
     for p in generate(300, seed=2, split="train"):
-        assert int(p.answer) == eval(p.prompt)  # noqa: S307 - digits and + - * only
+        assert p.prompt.startswith("Q: ") and int(p.answer) == eval(p.prompt[3:])  # noqa: S307 - digits and + - * only
         assert p.solution.endswith(f"#### {p.answer}")
         for line in p.solution.splitlines()[:-1]:
             assert line.startswith("=") and eval(line[1:]) == int(p.answer)  # noqa: S307
@@ -52,7 +63,7 @@ def test_reference_solution_is_correct_arithmetic() -> None:
 
 def test_worked_example_format() -> None:
     p = make_problem("48-3*7+15")
-    assert p == Problem(prompt="48-3*7+15\n", solution="=48-21+15\n=27+15\n=42\n#### 42", answer="42")
+    assert p == Problem(prompt="Q: 48-3*7+15\n", solution="=48-21+15\n=27+15\n=42\n#### 42", answer="42")
     assert make_problem("3-8+20") is None  # negative intermediate is excluded
 
 
@@ -75,6 +86,7 @@ def test_extract_answer_edge_cases() -> None:
     assert extract_answer("#### 11\n=3") is None  # wandered on after the answer
     assert extract_answer("#### 1a") is None
     assert extract_answer("x #### 11") is None
+    assert extract_answer("#### 1 #### 2") is None
 
 
 def test_tokenizer_round_trip_and_clean_concatenation() -> None:
@@ -104,3 +116,16 @@ def test_tokenizer_save_and_load_with_autotokenizer(tmp_path) -> None:
     assert (loaded.pad_token, loaded.eos_token, loaded.bos_token) == ("<pad>", "<eos>", "<bos>")
     assert loaded.padding_side == "left"
     assert loaded.decode(loaded.encode(text) + [loaded.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_sft_batch_scores_solution_and_eos_only() -> None:
+    tok = build_tokenizer()
+    problems = generate(3, seed=0, split="train")
+    input_ids_B_T, labels_B_T = encode_batch(tok, problems)
+    for row, p in enumerate(problems):
+        n_prompt, n_solution = len(p.prompt), len(p.solution) + 1  # + EOS
+        scored = labels_B_T[row] != IGNORE
+        assert scored.nonzero().flatten().tolist() == list(range(n_prompt, n_prompt + n_solution))
+        assert labels_B_T[row, n_prompt + n_solution - 1] == tok.eos_token_id
+        assert tok.decode(input_ids_B_T[row, : n_prompt + n_solution - 1]) == p.prompt + p.solution
+        assert (input_ids_B_T[row, n_prompt + n_solution :] == tok.pad_token_id).all()
