@@ -77,7 +77,8 @@ def reduce(student_logp_N_V: torch.Tensor, topk: TeacherTopK) -> tuple[torch.Ten
     """(k+1)-category log-probs (student, completed teacher); differentiable in the student."""
     s_top_N_K = student_logp_N_V.gather(-1, topk.ids)
     s_red = torch.cat([s_top_N_K, student_tail(student_logp_N_V, topk.ids).unsqueeze(-1)], -1)
-    t_top_N_K = _float(topk.logprobs).to(s_red.dtype)
+    # A -inf teacher entry (k above the teacher's support) floored as in the full form: finite loss.
+    t_top_N_K = _float(topk.logprobs).to(s_red.dtype).clamp_min(LOG_FLOOR)
     t_red = torch.cat([t_top_N_K, topk.tail().to(s_red.dtype).unsqueeze(-1)], -1)
     return s_red, t_red  # (N, K+1) each
 
