@@ -4,10 +4,9 @@
 
 Per round, interleaved:
   - TRB rollout as shipped (`student_trainer.rollout.generate`, Blend at ε > 0, teacher session over
-    HTTP; the student's forward runs on a worker thread while the teacher's extend is in flight);
-  - the same rollout with that overlap removed (the student's forward runs inline, then the extend);
-  - the same rollout with the overlap proposed instead (request sent first, student's forward
-    inline while the server computes; see `_RequestFirst`);
+    HTTP; each step's extend is sent first and the student's forward runs while the server computes);
+  - the same rollout with that overlap removed (`overlap=False`: the extend is awaited, then the
+    student's forward runs);
   - student alone: the student's KV decode of exactly the tokens the TRB rollout produced, with an
     on-policy sampling call per step (what a student-only rollout of those tokens costs);
   - teacher alone: a session over HTTP fed exactly those tokens (open, one extend per step, close).
@@ -22,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from bench.common import (
     tiny_model,
 )
 from shared.kv_decode import KVDecoder
-from student_trainer import behaviors, rollout
+from student_trainer import behaviors
 from student_trainer.behaviors import Blend, OnPolicy
 from student_trainer.rollout import Rollout, generate
 from student_trainer.tasks import arithmetic
@@ -98,49 +97,10 @@ class SolverClock:
             behaviors.solve_beta = self._inner
 
 
-class _InlineThreads:
-    """`asyncio`, except that `to_thread` runs the function inline (blocking the loop)."""
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def to_thread(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN205
-        return fn(*args, **kwargs)
-
-
-class _RequestFirst(_InlineThreads):
-    """Also reorders `gather(student_step, teacher_extend)`: the teacher's request goes out first.
-
-    This is the change proposed for `rollout.generate`: start the extend, give the event loop
-    the few turns httpx needs to write the request (4 with httpx 0.28; 8 are given), then run the
-    student's forward inline while the server computes, then await the answer. No worker thread,
-    so the student's forward and the HTTP client never fight over the GIL.
-    """
-
-    @staticmethod
-    async def gather(student_step, teacher_step):  # noqa: ANN001, ANN205
-        teacher = asyncio.ensure_future(teacher_step)
-        for _ in range(8):
-            await asyncio.sleep(0)
-        return await student_step, await teacher
-
-
-@contextlib.contextmanager
-def patched_asyncio(replacement: _InlineThreads) -> Iterator[None]:
-    """Run `generate` with `replacement` as its `asyncio` (a different overlap strategy)."""
-    saved = rollout.asyncio
-    rollout.asyncio = replacement  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        rollout.asyncio = saved
-
-
-def trb_rollout(s: Setup, seed: int = 0) -> Rollout:
+def trb_rollout(s: Setup, seed: int = 0, overlap: bool = True) -> Rollout:
     """The rollout under test (same seed every call, so every call draws the same tokens)."""
     return run_sync(s.loop, generate(s.student, s.prompts, Blend(), EPS, s.client, TOP_K, s.max_new_tokens, s.eos,
-                               s.pad, torch.Generator().manual_seed(seed)))
+                               s.pad, torch.Generator().manual_seed(seed), overlap=overlap))
 
 
 def replay_steps(r: Rollout) -> list[tuple[list[int], list[list[int]]]]:
@@ -191,13 +151,7 @@ def measure(section: Section, label: str, teacher: Path, threads: int, batch: in
             with clock.installed():
                 trb_rollout(s)
 
-        def variant(replacement: _InlineThreads) -> Callable[[], None]:
-            def call() -> None:
-                with patched_asyncio(replacement):
-                    trb_rollout(s)
-            return call
-
-        variants = {"trb": trb, "serial": variant(_InlineThreads()), "request_first": variant(_RequestFirst()),
+        variants = {"trb": trb, "serial": lambda: trb_rollout(s, overlap=False),
                     "student": lambda: student_alone(s, steps), "teacher": lambda: teacher_alone(s, steps)}
         times = interleave(variants, rounds, pids=(server.proc.pid,))
         solver_per_rollout = clock.seconds / (rounds + 1)  # the warm-up round ran it too
@@ -225,9 +179,6 @@ def _rows(section: Section, label: str, times: dict[str, Times], solver_s: float
     section.add(f"{label}: TRB without overlap (student step inline, then extend)",
                 f"{spread(times['serial'].wall)}; {cpu['serial'] * 1e3:.0f} ms CPU")
     section.add(f"{label}: TRB with overlap (as shipped) / without", "", wall["trb"] / wall["serial"])
-    section.add(f"{label}: proposed overlap (request first, student inline)",
-                f"{spread(times['request_first'].wall)}; {cpu['request_first'] * 1e3:.0f} ms CPU")
-    section.add(f"{label}: proposed overlap / without", "", wall["request_first"] / wall["serial"])
 
 
 def run(threads: int = 1, quick: bool = False) -> Section:

@@ -10,15 +10,16 @@ P-1 .. P+n-2 (`loss_mask_B_T`), and `targets` holds the teacher's top-k at exact
 positions: the one the behavior sampled from when the teacher was asked during the rollout
 (trb-method §6), or one `/v1/score` call per batch afterwards for pure-student rollouts.
 
-While a teacher `extend` is in flight, the student's forward for the same new tokens runs on a
-worker thread, so teacher latency hides behind student compute.
+Each step's teacher `extend` is sent before the student's forward for the same new tokens runs,
+so the teacher's latency hides behind student compute (docs/performance.md, target 4).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +27,8 @@ from shared.kv_decode import KVDecoder
 from student_trainer.behaviors import Behavior, StepDiagnostics
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.topk import TeacherTopK
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,15 +59,20 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior: Behavior, eps: float,
                    teacher: TeacherClient | None, top_k: int, max_new_tokens: int, eos_id: int, pad_id: int,
-                   generator: torch.Generator) -> Rollout:
-    """Sample one response per prompt under `behavior` at budget `eps`."""
+                   generator: torch.Generator, overlap: bool = True) -> Rollout:
+    """Sample one response per prompt under `behavior` at budget `eps`.
+
+    With `overlap`, each step's teacher request goes out before the student's forward runs, so the
+    server computes while the student does; the student runs inline (no worker thread), because
+    the tiny forward and the HTTP client would otherwise take turns on the GIL.
+    """
     use_teacher = behavior.needs_teacher(eps)
     if use_teacher and teacher is None:
         raise ValueError(f"behavior {behavior.name!r} at eps={eps} needs a teacher client")
     batch = len(prompts)
     decoder = KVDecoder(student, pad_id)
-    session_task = asyncio.create_task(teacher.open_session(prompts, top_k)) if use_teacher else None
-    logits_A_V = await asyncio.to_thread(decoder.prefill, prompts)
+    session_task = await _send(teacher.open_session(prompts, top_k), overlap) if use_teacher else None
+    logits_A_V = decoder.prefill(prompts)
     session = await session_task if session_task else None
     topk_A = session.first if session else None
 
@@ -89,11 +97,10 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
             if len(active) == 0 or t == max_new_tokens - 1:
                 break
             rows, toks = active.tolist(), [[x] for x in tokens_A.tolist()]
-            step = asyncio.to_thread(decoder.extend, rows, toks)
-            if session is not None:
-                logits_A_V, topk_A = await asyncio.gather(step, session.extend(toks, rows))
-            else:
-                logits_A_V = await step
+            pending = await _send(session.extend(toks, rows), overlap) if session is not None else None
+            logits_A_V = decoder.extend(rows, toks)
+            if pending is not None:
+                topk_A = await pending
     finally:
         if session is not None:
             await session.close()
@@ -112,6 +119,20 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
         rollout.targets = _place(target_ids[:, :width], target_lps[:, :width], target_tail[:, :width], p,
                                  tokens.shape[1])
     return rollout
+
+
+async def _send(request: Coroutine[Any, Any, T], overlap: bool) -> asyncio.Future[T]:
+    """Start a teacher request; with `overlap`, return once it is on the wire, else once answered.
+
+    httpx needs a few event-loop turns to write a request (4 with httpx 0.28); 8 are given.
+    """
+    future = asyncio.ensure_future(request)
+    if overlap:
+        for _ in range(8):
+            await asyncio.sleep(0)
+    else:
+        await asyncio.wait([future])
+    return future
 
 
 def _place(ids_B_N_K: torch.Tensor, lps_B_N_K: torch.Tensor, tail_B_N: torch.Tensor, p: int, total: int) -> TeacherTopK:
