@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from student_trainer.tasks.math import INSTRUCTION
+
 Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup"]
 
 
@@ -50,11 +52,23 @@ class MethodCfg(_Section):
 
 
 class DataCfg(_Section):
-    task: Literal["arithmetic"] = "arithmetic"
+    task: Literal["arithmetic", "math"] = "arithmetic"
     seed: int = 0
-    difficulty: dict[str, Any] = Field(default_factory=dict, description="Task generator knobs.")
+    difficulty: dict[str, Any] = Field(default_factory=dict, description="Task generator knobs (arithmetic).")
     eval_size: int = Field(200, ge=1)
     probe_size: int = Field(32, ge=1, description="Fixed prompts+solutions for the KL probe.")
+    eval_batch_size: int = Field(256, ge=1, description="Prompts per greedy generate call in eval.")
+    path: str | None = Field(None, description="math: training problems (.jsonl, .json or .parquet).")
+    eval_path: str | None = Field(None, description="math: held-out problems; None holds out eval_size of path.")
+    instruction: str = Field(INSTRUCTION, description="math: appended to every question.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                                 description="math: e.g. {enable_thinking: false} for Qwen3.")
+
+    @model_validator(mode="after")
+    def _math_needs_a_file(self) -> DataCfg:
+        if self.task == "math" and self.path is None:
+            raise ValueError("data.path: data.task=math needs a problem file (.jsonl, .json or .parquet)")
+        return self
 
 
 class OptimCfg(_Section):

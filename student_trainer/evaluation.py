@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from shared.kv_decode import position_ids
 from student_trainer.losses import reverse_kl_loss
+from student_trainer.tasks import arithmetic
 from student_trainer.tasks.arithmetic import Problem
 from student_trainer.tasks.sft import evaluate
 from student_trainer.teacher_client import TeacherClient
@@ -50,13 +52,18 @@ async def build_probe(problems: list[Problem], tokenizer, teacher: TeacherClient
 
 @torch.no_grad()
 def probe_kl(student: torch.nn.Module, probe: Probe) -> float:
-    logits = student(input_ids=probe.tokens_B_T, attention_mask=probe.attention_B_T,
-                     position_ids=position_ids(probe.attention_B_T)).logits
-    loss, _ = reverse_kl_loss(logits, probe.targets, probe.mask_B_T)
+    device = next(student.parameters()).device
+    attention_B_T, t = probe.attention_B_T.to(device), probe.targets
+    logits = student(input_ids=probe.tokens_B_T.to(device), attention_mask=attention_B_T,
+                     position_ids=position_ids(attention_B_T)).logits
+    targets = TeacherTopK(t.ids.to(device), t.logprobs.to(device), t.tail_logprob.to(device))
+    loss, _ = reverse_kl_loss(logits, targets, probe.mask_B_T.to(device))
     return float(loss)
 
 
-def accuracy(student: torch.nn.Module, tokenizer, problems: list[Problem], max_new_tokens: int) -> float:
-    """Greedy pass@1 with the task verifier."""
-    acc, _ = evaluate(student, tokenizer, problems, max_new_tokens=max_new_tokens)
+def accuracy(student: torch.nn.Module, tokenizer, problems: list[Problem], max_new_tokens: int,
+             verifier: Callable[[str, Problem], bool] = arithmetic.verify, batch_size: int = 256) -> float:
+    """Greedy pass@1 with the task verifier (pass the run's `TaskData.verify`; arithmetic's by default)."""
+    acc, _ = evaluate(student, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      verifier=verifier)
     return acc

@@ -136,7 +136,8 @@ def _state(run: Run) -> dict[str, Any]:
 async def evaluate_now(run: Run, probe: Any, eval_set: list) -> dict[str, float]:
     run.student.eval()
     return {"step": run.step, "eval_accuracy": accuracy(run.student, run.tokenizer, eval_set,
-                                                        run.cfg.train.max_new_tokens),
+                                                        run.cfg.train.max_new_tokens, run.data.verify,
+                                                        run.cfg.data.eval_batch_size),
             "probe_kl": probe_kl(run.student, probe)}
 
 
@@ -166,7 +167,7 @@ async def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                           weight_decay=cfg.optim.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-            run = Run(cfg, out, student, tokenizer, client, optimizer, scheduler, TaskData(cfg.data))
+            run = Run(cfg, out, student, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer))
             if ckpt:
                 state = checkpoint.load_state(ckpt)
                 optimizer.load_state_dict(state["optimizer"])

@@ -189,7 +189,7 @@ def greedy_complete(
             padding=True,
             padding_side="left",
             add_special_tokens=False,
-        )
+        ).to(model.device)
         out_B_T = model.generate(
             **enc,
             do_sample=False,
@@ -209,8 +209,9 @@ def evaluate(
     problems: Sequence[Problem],
     max_new_tokens: int = 64,
     batch_size: int = 256,
+    verifier: Callable[[str, Problem], bool] = verify,
 ) -> tuple[float, list[str]]:
-    """Greedy pass@1 on `problems` with the task verifier; returns (accuracy, completions)."""
+    """Greedy pass@1 on `problems` with `verifier` (arithmetic's by default); returns (accuracy, completions)."""
     completions = greedy_complete(model, tokenizer, [p.prompt for p in problems], max_new_tokens, batch_size)
-    correct = sum(verify(c, p) for c, p in zip(completions, problems, strict=True))
+    correct = sum(verifier(c, p) for c, p in zip(completions, problems, strict=True))
     return correct / max(1, len(problems)), completions
