@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from shared import codec
 from shared.protocol import ErrorCode, ErrorResponse, float_dtype
 from teacher_server.errors import ApiError, from_validation_error
-from teacher_server.scheduler import Overloaded
+from teacher_server.scheduler import TIMING, Overloaded
 
 if TYPE_CHECKING:
     from teacher_server.app import Server
@@ -59,7 +59,10 @@ def respond(request: Request, model: BaseModel) -> Response:
     """Encode with msgpack when the client accepts it, JSON otherwise."""
     accept = request.headers.get("accept", "")
     media = codec.MSGPACK if "msgpack" in accept else codec.JSON
-    return Response(codec.encode(model, media), media_type=media)
+    response = Response(codec.encode(model, media), media_type=media)
+    if (timing := TIMING.get()) is not None:  # queue wait and model time of this request, in ms
+        response.headers["server-timing"] = f"queue;dur={timing[0] * 1e3:.2f}, model;dur={timing[1] * 1e3:.2f}"
+    return response
 
 
 def cast_floats(model: M, dtype_name: str) -> M:

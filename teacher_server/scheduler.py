@@ -8,12 +8,16 @@ time (start-time fair queuing). A client returning from idle starts at the curre
 cannot bank credit, but a light client is served as soon as the running job ends.
 
 Score requests that arrive together are batched into one backend call (up to a token budget);
-session steps run alone because each owns its KV cache.
+session steps run alone because each owns its KV cache. The same budget bounds how long the
+model is held at once: a score request larger than the budget is split by sequences into chunks
+that queue one after another, so a light client waits for at most one chunk, never a whole
+heavy request (what chunked prefill does for the same reason in serving engines).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +27,11 @@ from typing import Any
 
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend
+
+
+# (seconds queued, seconds on the model) of the request handled in this task, for `Server-Timing`:
+# a client can tell the teacher's queueing from its own and the network's share of a latency.
+TIMING: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("timing", default=None)
 
 
 class Overloaded(RuntimeError):
@@ -36,6 +45,9 @@ class _Job:
     request: ScoreRequest | None = None  # a score job when set
     call: Callable[[], Any] | None = None  # otherwise: run this on the model thread
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float = 0.0
+    model_s: float = 0.0
 
 
 class FairScheduler:
@@ -66,23 +78,34 @@ class FairScheduler:
         self._executor.shutdown(wait=True)
 
     async def score(self, client: str, request: ScoreRequest) -> list[SequenceScores]:
-        tokens = sum(len(s) for s in request.sequences)
-        return await self._submit(_Job(client=client, tokens=tokens, request=request))
+        self._admit()
+        jobs = [_Job(client=client, tokens=sum(len(s) for s in part.sequences), request=part)
+                for part in split_request(request, self.max_batch_tokens)]
+        parts = await asyncio.gather(*[self._submit(job, admitted=True) for job in jobs])
+        return [seq for part in parts for seq in part]
 
     async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1) -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""
         return await self._submit(_Job(client=client, tokens=tokens, call=fn))
 
-    async def _submit(self, job: _Job) -> Any:
+    def _admit(self) -> None:
         if self._depth >= self.max_queue:
             raise Overloaded(f"the teacher queue is full ({self.max_queue} requests waiting)")
+
+    async def _submit(self, job: _Job, admitted: bool = False) -> Any:
+        if not admitted:
+            self._admit()
         if job.client not in self._queues:  # back from idle: no credit for the time away
             self._vtime[job.client] = max(self._vtime.get(job.client, 0.0), self._floor())
             self._queues[job.client] = deque()
         self._queues[job.client].append(job)
         self._depth += 1
         self._wakeup.set()
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            if job.started_at:
+                TIMING.set((job.started_at - job.queued_at, job.model_s))
 
     def _floor(self) -> float:
         """The least virtual time among queued clients (the system's virtual clock)."""
@@ -149,8 +172,13 @@ class FairScheduler:
                 else:
                     fn = batch[0].call
                 started = time.perf_counter()
+                for job in batch:
+                    job.started_at = started
                 results = await loop.run_in_executor(self._executor, fn)
-                self._charge(batch, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                for job in batch:
+                    job.model_s = seconds
+                self._charge(batch, seconds)
                 if batch[0].request is None:
                     results = [results]
                 for job, result in zip(batch, results, strict=True):
@@ -162,3 +190,19 @@ class FairScheduler:
                         job.future.set_exception(exc)
             finally:
                 self.busy = False
+
+
+def split_request(request: ScoreRequest, max_tokens: int) -> list[ScoreRequest]:
+    """Consecutive groups of sequences of at most `max_tokens` tokens (one sequence may exceed it)."""
+    starts, groups, current, size = request.starts(), [], [], 0
+    for i, seq in enumerate(request.sequences):
+        if current and size + len(seq) > max_tokens:
+            groups.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += len(seq)
+    groups.append(current)
+    if len(groups) == 1:
+        return [request]
+    return [request.model_copy(update={"sequences": [request.sequences[i] for i in g],
+                                       "start": [starts[i] for i in g]}) for g in groups]

@@ -26,7 +26,8 @@ class ServerSettings(BaseSettings):
     allow_full: bool = False
     max_full_values: int = 16_000_000
     max_queue: int = 256
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = Field(1024, ge=1, description="Tokens per forward: requests are batched up to it and "
+                                  "larger ones split by sequences, so no client holds the model for longer.")
     session_ttl_s: float = 600.0
     max_sessions: int = 256
     max_session_bytes: int = 2 << 30

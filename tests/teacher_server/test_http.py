@@ -65,6 +65,12 @@ def test_msgpack_request_and_float16(teacher: ServerProcess) -> None:
     assert out.results[0].top_logprobs.dtype == np.float16 and out.results[0].top_ids.dtype == np.int32
 
 
+def test_server_timing_reports_queue_and_model_time(teacher: ServerProcess) -> None:
+    resp = post(teacher.url, "/v1/score", {"sequences": SEQS, "top_k": 4})
+    parts = dict(p.strip().split(";dur=") for p in resp.headers["server-timing"].split(","))
+    assert set(parts) == {"queue", "model"} and float(parts["queue"]) >= 0 and float(parts["model"]) > 0
+
+
 def test_sessions_over_http_match_scoring(teacher: ServerProcess) -> None:
     prompts = [[1, 5, 6], [2, 7, 8, 9]]
     created = codec.decode(post(teacher.url, "/v1/sessions", {"sequences": prompts, "top_k": 5}).content,

@@ -10,7 +10,7 @@ import pytest
 
 from shared.protocol import ScoreRequest
 from teacher_server.backends.hf import HFBackend
-from teacher_server.scheduler import FairScheduler, Overloaded
+from teacher_server.scheduler import FairScheduler, Overloaded, split_request
 
 
 class CountingBackend(HFBackend):
@@ -57,6 +57,43 @@ async def test_light_client_is_not_starved(backend: CountingBackend) -> None:
     await asyncio.gather(blocker, *tasks)
     await scheduler.stop()
     assert done.index("light") <= 1, done  # served in its first turn, not after ten heavy requests
+
+
+async def test_large_request_is_chunked_so_a_light_client_waits_for_one_chunk(backend: CountingBackend) -> None:
+    scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=6)
+    scheduler.start()
+    gate, blocker = await _blocked(scheduler)
+    big = ScoreRequest(sequences=[[1, 2, 3 + i] for i in range(10)], start=[i % 3 for i in range(10)], top_k=3)
+    order: list[str] = []
+
+    async def job(client: str, req: ScoreRequest) -> list:
+        out = await scheduler.score(client, req)
+        order.append(client)
+        return out
+
+    heavy = asyncio.create_task(job("heavy", big))
+    await asyncio.sleep(0.05)
+    light = asyncio.create_task(job("light", ScoreRequest(sequences=[[4, 5]], top_k=3)))
+    await asyncio.sleep(0.05)
+    gate.set()
+    chunked, _, _ = await asyncio.gather(heavy, light, blocker)
+    await scheduler.stop()
+    assert order == ["light", "heavy"]  # served between the heavy request's chunks
+    (whole,) = backend.score([big])
+    assert len(chunked) == 10
+    for a, b in zip(chunked, whole, strict=True):
+        assert a.start == b.start and (a.top_ids == b.top_ids).all()
+        assert abs(a.top_logprobs - b.top_logprobs).max() < 1e-5
+
+
+def test_split_request_keeps_order_starts_and_budget() -> None:
+    req = ScoreRequest(sequences=[[1] * n for n in (4, 1, 5, 2, 2, 9, 1)], start=[3, 0, 4, 1, 0, 8, 0])
+    parts = split_request(req, max_tokens=5)
+    assert [p.sequences for p in parts][0] == [[1] * 4, [1]]
+    assert [s for p in parts for s in p.sequences] == req.sequences
+    assert [s for p in parts for s in p.starts()] == req.starts()
+    assert all(sum(map(len, p.sequences)) <= 5 or len(p.sequences) == 1 for p in parts)
+    assert split_request(req, max_tokens=100) == [req]
 
 
 async def test_compatible_requests_share_one_forward(backend: CountingBackend) -> None:
