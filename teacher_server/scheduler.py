@@ -81,12 +81,19 @@ class FairScheduler:
         self._admit()
         jobs = [_Job(client=client, tokens=sum(len(s) for s in part.sequences), request=part)
                 for part in split_request(request, self.max_batch_tokens)]
-        parts = await asyncio.gather(*[self._submit(job, admitted=True) for job in jobs])
+        try:
+            parts = await asyncio.gather(*[self._submit(job, admitted=True) for job in jobs])
+        finally:
+            _report(jobs)
         return [seq for part in parts for seq in part]
 
     async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1) -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""
-        return await self._submit(_Job(client=client, tokens=tokens, call=fn))
+        job = _Job(client=client, tokens=tokens, call=fn)
+        try:
+            return await self._submit(job)
+        finally:
+            _report([job])
 
     def _admit(self) -> None:
         if self._depth >= self.max_queue:
@@ -101,11 +108,7 @@ class FairScheduler:
         self._queues[job.client].append(job)
         self._depth += 1
         self._wakeup.set()
-        try:
-            return await job.future
-        finally:
-            if job.started_at:
-                TIMING.set((job.started_at - job.queued_at, job.model_s))
+        return await job.future
 
     def _floor(self) -> float:
         """The least virtual time among queued clients (the system's virtual clock)."""
@@ -190,6 +193,12 @@ class FairScheduler:
                         job.future.set_exception(exc)
             finally:
                 self.busy = False
+
+
+def _report(jobs: list[_Job]) -> None:
+    """Set `TIMING` for the calling task: time until the first chunk ran, model time of all chunks."""
+    if all(j.started_at for j in jobs):
+        TIMING.set((jobs[0].started_at - jobs[0].queued_at, sum(j.model_s for j in jobs)))
 
 
 def split_request(request: ScoreRequest, max_tokens: int) -> list[ScoreRequest]:
