@@ -26,7 +26,7 @@ import torch
 
 from student_trainer.tasks import arithmetic
 from student_trainer.tasks.sft import ModelShape, SFTConfig, build_model, count_parameters, evaluate, train
-from student_trainer.tasks.tokenizer import build_tokenizer
+from student_trainer.tasks.tokenizer import build_tokenizer, save_tokenizer
 
 PRESETS = {
     "teacher": ModelShape(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384, rope_theta=500.0),
@@ -136,7 +136,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
+    save_tokenizer(tokenizer, args.out)
     (args.out / "task.json").write_text(json.dumps(info, indent=2) + "\n")
     (args.out / "README.md").write_text(model_card(args.out.name, info))
 

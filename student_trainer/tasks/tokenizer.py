@@ -10,7 +10,9 @@ followed by `<eos>`, with no `<bos>`. `<bos>` exists only so that configs that e
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -42,3 +44,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=512,
     )
     return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, out: str | Path) -> None:
+    """`save_pretrained`, naming the class `PreTrainedTokenizerFast` so transformers 4.x loads it too.
+
+    transformers 5 writes its own class name (`TokenizersBackend`), which 4.x does not know; both
+    releases load a `PreTrainedTokenizerFast` from the same tokenizer.json.
+    """
+    tok.save_pretrained(out)
+    cfg_path = Path(out) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
