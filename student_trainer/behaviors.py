@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from student_trainer.blend import LOG_FLOOR, blend_logp, kl, solve_beta
+from student_trainer.row_generators import Generator
 from student_trainer.topk import (
     TeacherTopK,
     completed_logprob_of,
@@ -51,7 +52,7 @@ class Behavior(Protocol):
         student_logits_B_V: torch.Tensor,
         topk: TeacherTopK | None,
         eps: float,
-        generator: torch.Generator | None,
+        generator: Generator,
     ) -> tuple[torch.Tensor, StepDiagnostics]: ...
 
 

@@ -25,6 +25,7 @@ import torch
 
 from shared.kv_decode import KVDecoder
 from student_trainer.behaviors import Behavior, StepDiagnostics
+from student_trainer.row_generators import Generator, rows_of
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.topk import TeacherTopK
 
@@ -59,8 +60,11 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior: Behavior, eps: float,
                    teacher: TeacherClient | None, top_k: int, max_new_tokens: int, eos_id: int, pad_id: int,
-                   generator: torch.Generator, overlap: bool = True) -> Rollout:
+                   generator: Generator, overlap: bool = True) -> Rollout:
     """Sample one response per prompt under `behavior` at budget `eps`.
+
+    `generator` is one stream for the batch, or a `RowGenerators` with one stream per prompt (rows
+    then sample the same tokens however the batch is split).
 
     With `overlap`, each step's teacher request goes out before the student's forward runs, so the
     server computes while the student does; the student runs inline (no worker thread), because
@@ -85,7 +89,7 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = []
     try:
         for t in range(max_new_tokens):
-            tokens_A, diag = behavior.sample(logits_A_V, topk_A, eps, generator)
+            tokens_A, diag = behavior.sample(logits_A_V, topk_A, eps, rows_of(generator, active))
             diagnostics.append((active, diag))
             new_tokens[active, t] = tokens_A
             lengths[active] += 1

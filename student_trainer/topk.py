@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from student_trainer.blend import LOG_FLOOR, kl
+from student_trainer.row_generators import Generator, rows_of, uniform
 
 # Tails are clamped to log(1e-30): a teacher top-k that sums to >= 1 after rounding, a student
 # with (almost) no mass off S, or K = V, then still give finite logs and gradients.
@@ -112,9 +113,9 @@ def topk_reverse_kl(student_logp_N_V: torch.Tensor, topk: TeacherTopK) -> torch.
     return kl(s_red, t_red)
 
 
-def sample_categorical(logp_N_C: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(logp_N_C: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     """One draw per row by Gumbel-max; needs no normalisation and tolerates -inf entries."""
-    u = torch.rand(logp_N_C.shape, generator=generator, device=logp_N_C.device, dtype=torch.float32)
+    u = uniform(logp_N_C.shape, generator, logp_N_C.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
     return (_float(logp_N_C) + gumbel.to(_float(logp_N_C).dtype)).argmax(-1)
 
@@ -123,7 +124,7 @@ def sample_reduced(
     student_logp_N_V: torch.Tensor,
     ids_N_K: torch.Tensor,
     mix_logp_N_K1: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
 ) -> torch.Tensor:
     """Token ids (N,) from a (k+1)-category distribution: a tail draw is a student draw off S."""
     category_N = sample_categorical(mix_logp_N_K1, generator)
@@ -135,5 +136,5 @@ def sample_reduced(
     if tail_rows.numel():
         rows_logp = student_logp_N_V[tail_rows]
         off_s = rows_logp.masked_fill(_in_topk_N_V(rows_logp, ids_N_K[tail_rows]), -math.inf)
-        tokens_N = tokens_N.index_copy(0, tail_rows, sample_categorical(off_s, generator))
+        tokens_N = tokens_N.index_copy(0, tail_rows, sample_categorical(off_s, rows_of(generator, tail_rows)))
     return tokens_N
