@@ -53,8 +53,14 @@ def reverse_kl_loss(
     student_logits_B_T_V: torch.Tensor,
     teacher: torch.Tensor | TeacherTopK,
     mask_B_T: torch.Tensor,
+    n_tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token-mean loss, detached per-token KL (B, T) for logging); see the module docstring."""
+    """(token-mean loss, detached per-token KL (B, T) for logging); see the module docstring.
+
+    `n_tokens` replaces this batch's token count as the divisor when the batch is one part of a
+    larger one (micro-batches, ranks): the parts' losses then add up to the whole batch's token-mean.
+    """
     kl_B_T = per_token_reverse_kl(student_logits_B_T_V, teacher, mask_B_T)
-    n_tokens = mask_B_T.bool().sum().clamp_min(1)
+    if n_tokens is None:
+        n_tokens = mask_B_T.bool().sum().clamp_min(1)
     return kl_B_T.sum() / n_tokens, kl_B_T.detach()

@@ -116,3 +116,15 @@ def test_properties_for_random_and_extreme_logits(s_rows, t_rows, mask_bits):
             assert loss.item() == 0.0
     same, _ = reverse_kl_loss(logits, logits.detach().log_softmax(-1), torch.ones(2, 2))
     assert same.item() == 0.0
+
+
+def test_parts_with_the_global_token_count_add_up_to_the_whole_batch() -> None:
+    """How micro-batches and ranks split a step: Σ part losses (÷ global count) = whole-batch loss."""
+    logits, teacher, mask = make_batch()
+    whole, _ = reverse_kl_loss(logits, teacher, mask)
+    (whole_grad,) = torch.autograd.grad(whole, logits)
+    n = mask.sum()
+    parts = [reverse_kl_loss(logits[rows], teacher[rows], mask[rows], n_tokens=n)[0] for rows in ([0], [1, 2])]
+    (parts_grad,) = torch.autograd.grad(sum(parts), logits)
+    assert torch.allclose(sum(parts), whole, atol=1e-12)
+    assert torch.allclose(parts_grad, whole_grad, atol=1e-12)
