@@ -28,7 +28,8 @@ class StudentCfg(_Section):
 
 
 class TeacherCfg(_Section):
-    url: str | None = Field(None, description="Running teacher server; None starts one locally.")
+    url: str | list[str] | None = Field(None, description="Running teacher server, or a list of replicas "
+                                        "(least-loaded routing, sessions pinned); None starts one locally.")
     model: str | None = Field(None, description="Teacher model for the local server (when url is None).")
     top_k: int = Field(20, ge=1)
     api_key: str | None = Field(default_factory=lambda: os.environ.get("TRB_API_KEY") or None,
@@ -40,7 +41,14 @@ class TeacherCfg(_Section):
     def _one_source(self) -> TeacherCfg:
         if self.url is None and self.model is None:
             raise ValueError("teacher: set teacher.url (a running server) or teacher.model (start one locally)")
+        if self.url == []:
+            raise ValueError("teacher.url: an empty list; give one URL or several replicas")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The configured replicas (empty when the trainer starts a local teacher)."""
+        return [self.url] if isinstance(self.url, str) else list(self.url or [])
 
 
 class MethodCfg(_Section):

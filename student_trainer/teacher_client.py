@@ -4,6 +4,12 @@ It retries what is safe to retry (connection errors, 503 and 429, honouring Retr
 keeps every session's full prefixes so a session lost to a restart, an eviction or a TTL is
 rebuilt transparently. An extend that failed mid-flight is never resent (the server may have
 applied it); the session is rebuilt from the prefixes instead, which is always correct.
+
+Given several URLs (replicas of one teacher), each request goes to the least-loaded healthy
+replica: fewest requests in flight from this client, then fewest sent. A replica that fails a
+connection is marked down and left alone until a /health probe, after an exponential backoff,
+finds it up again (with the tokenizer fingerprint checked again). A session lives on one replica,
+so its extends go there; if that replica dies, the session is rebuilt on another from its prefixes.
 """
 
 from __future__ import annotations
@@ -69,18 +75,40 @@ def _topk(ids: np.ndarray, lps: np.ndarray, tail: np.ndarray) -> TeacherTopK:
     return TeacherTopK(_tensor(ids, torch.long), _tensor(lps), _tensor(tail))  # type: ignore[arg-type]
 
 
+@dataclass(eq=False)
+class Replica:
+    """One teacher server as this client sees it: its connections, its load, its health."""
+
+    url: str
+    http: httpx.AsyncClient
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0  # consecutive connection failures
+    down_until: float | None = None  # loop time of the next health probe; None while up
+    probe: asyncio.Task | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.down_until is None
+
+
 class TeacherClient:
-    def __init__(self, url: str, client_id: str = "trainer", timeout: float = 120.0, retries: int = 6,
-                 backoff_s: float = 0.5, max_backoff_s: float = 10.0, api_key: str | None = None,
+    def __init__(self, url: str | Sequence[str], client_id: str = "trainer", timeout: float = 120.0,
+                 retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 10.0, api_key: str | None = None,
                  binary: bool = True) -> None:
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("TeacherClient needs at least one teacher URL")
         headers = {"x-client-id": client_id}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self.media = codec.MSGPACK if binary else codec.JSON
         headers["accept"] = self.media
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.replicas = [Replica(u.rstrip("/"), httpx.AsyncClient(base_url=u.rstrip("/"), headers=headers,
+                                                                  timeout=timeout)) for u in urls]
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
-        self.url = url
+        self.url = ", ".join(r.url for r in self.replicas)
+        self._fingerprint: str | None = None  # the student's, once check_tokenizer has passed
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -89,29 +117,86 @@ class TeacherClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for r in self.replicas:
+            if r.probe is not None:
+                r.probe.cancel()
+            await r.http.aclose()
+
+    def requests_per_replica(self) -> dict[str, int]:
+        """Requests sent to each replica so far (retries and probes not counted twice)."""
+        return {r.url: r.requests for r in self.replicas}
+
+    # ---- routing ------------------------------------------------------------------------
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _pick(self) -> Replica:
+        """The least-loaded replica that is up; with none up, the one due for a probe first."""
+        for r in self.replicas:
+            if not r.up and r.probe is None and self._now() >= r.down_until:
+                r.probe = asyncio.create_task(self._probe(r))
+        up = [r for r in self.replicas if r.up]
+        if up:
+            return min(up, key=lambda r: (r.in_flight, r.requests))
+        return min(self.replicas, key=lambda r: r.down_until)
+
+    def _mark_down(self, r: Replica) -> None:
+        r.failures += 1
+        r.down_until = self._now() + min(self.max_backoff_s, self.backoff_s * 2 ** (r.failures - 1))
+
+    def _mark_up(self, r: Replica) -> None:
+        r.failures, r.down_until = 0, None
+
+    async def _probe(self, r: Replica) -> None:
+        """Back into rotation if /health answers and the tokenizer still matches; else back off more."""
+        try:
+            healthy = (await r.http.get("/health", timeout=5.0)).status_code == 200
+            if healthy and self._fingerprint is not None:
+                resp = await r.http.get("/v1/model", timeout=5.0)
+                healthy = resp.status_code == 200 and \
+                    ModelInfo.model_validate_json(resp.content).tokenizer_fingerprint == self._fingerprint
+        except (httpx.TransportError, ValueError):
+            healthy = False
+        r.probe = None
+        if healthy:
+            self._mark_up(r)
+        else:
+            self._mark_down(r)
+
+    async def _pause(self, attempt: int) -> None:
+        """Back off before a retry, unless another replica is up to take it at once."""
+        if not any(r.up for r in self.replicas):
+            await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2))
 
     # ---- transport ----------------------------------------------------------------------
     async def _request(self, method: str, path: str, body: BaseModel | None = None,
-                       retry_transport: bool = True) -> httpx.Response:
+                       retry_transport: bool = True, replica: Replica | None = None) -> tuple[httpx.Response, Replica]:
+        """Send to `replica`, or route each attempt; returns the answer and the replica that gave it."""
         content = codec.encode(body, self.media) if body is not None else None
         headers = {"content-type": self.media} if body is not None else {}
         for attempt in range(self.retries + 1):
             delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+            target = replica or self._pick()
+            target.in_flight += 1
+            target.requests += 1
             try:
-                resp = await self._http.request(method, path, content=content, headers=headers)
+                resp = await target.http.request(method, path, content=content, headers=headers)
             except _TRANSPORT_ERRORS as exc:
+                self._mark_down(target)
                 if not retry_transport or attempt == self.retries:
-                    raise TeacherError(f"teacher at {self.url} unreachable: {exc!r}") from exc
-                await asyncio.sleep(delay)
+                    raise TeacherError(f"teacher at {target.url} unreachable: {exc!r}") from exc
+                await (asyncio.sleep(delay) if replica else self._pause(attempt))
                 continue
+            finally:
+                target.in_flight -= 1
+            self._mark_up(target)
             if resp.status_code in _RETRY_STATUS and attempt < self.retries:
                 retry_after = resp.headers.get("retry-after")
                 await asyncio.sleep(float(retry_after) if retry_after and retry_after.isdigit() else delay)
                 continue
             if resp.status_code >= 400:
                 raise self._error(resp)
-            return resp
+            return resp, target
         raise AssertionError("unreachable")
 
     def _error(self, resp: httpx.Response) -> TeacherError:
@@ -128,32 +213,39 @@ class TeacherClient:
 
     # ---- API ----------------------------------------------------------------------------
     async def wait_ready(self, timeout_s: float = 300.0) -> ModelInfo:
-        """Poll /ready until the model is loaded (the server may still be starting)."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        """Poll /ready until every replica has loaded the model (servers may still be starting)."""
+        deadline = self._now() + timeout_s
+        infos = await asyncio.gather(*(self._wait_one(r, deadline, timeout_s) for r in self.replicas))
+        return infos[0]
+
+    async def _wait_one(self, r: Replica, deadline: float, timeout_s: float) -> ModelInfo:
         while True:
             try:
-                resp = await self._http.get("/ready")
+                resp = await r.http.get("/ready")
                 if resp.status_code == 200:
-                    return await self.model_info()
+                    return await self.model_info(r)
             except _TRANSPORT_ERRORS:
                 pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TeacherError(f"teacher at {self.url} not ready after {timeout_s:.0f}s")
+            if self._now() > deadline:
+                raise TeacherError(f"teacher at {r.url} not ready after {timeout_s:.0f}s")
             await asyncio.sleep(0.25)
 
-    async def model_info(self) -> ModelInfo:
-        return ModelInfo.model_validate_json((await self._request("GET", "/v1/model")).content)
+    async def model_info(self, replica: Replica | None = None) -> ModelInfo:
+        resp, _ = await self._request("GET", "/v1/model", replica=replica)
+        return ModelInfo.model_validate_json(resp.content)
 
     async def check_tokenizer(self, tokenizer: Any) -> ModelInfo:
-        """Refuse to train when student and teacher token ids would mean different strings."""
-        info = await self.model_info()
+        """Refuse to train when student and teacher token ids would mean different strings (every replica)."""
         mine = tokenizer_fingerprint(tokenizer)
-        if mine != info.tokenizer_fingerprint:
-            raise TokenizerMismatch(
-                f"tokenizer mismatch: the student's tokenizer fingerprint is {mine} but the teacher "
-                f"{info.model!r} at {self.url} uses {info.tokenizer_fingerprint}. Distillation needs one "
-                "shared vocabulary: load the student with the teacher's tokenizer.")
-        return info
+        infos = [await self.model_info(r) for r in self.replicas]
+        for r, info in zip(self.replicas, infos, strict=True):
+            if mine != info.tokenizer_fingerprint:
+                raise TokenizerMismatch(
+                    f"tokenizer mismatch: the student's tokenizer fingerprint is {mine} but the teacher "
+                    f"{info.model!r} at {r.url} uses {info.tokenizer_fingerprint}. Distillation needs one "
+                    "shared vocabulary: load the student with the teacher's tokenizer.")
+        self._fingerprint = mine
+        return infos[0]
 
     async def score(self, sequences: Sequence[Sequence[int]], start: int | Sequence[int] = 0, top_k: int = 20,
                     token_ids: Sequence[int] | None = None, full: bool = False,
@@ -162,7 +254,8 @@ class TeacherClient:
                            start=start if isinstance(start, int) else list(start), top_k=top_k,
                            token_ids=list(token_ids) if token_ids is not None else None, full=full,
                            logprob_dtype=logprob_dtype)
-        out: ScoreResponse = self._decode(await self._request("POST", "/v1/score", req), ScoreResponse)
+        resp, _ = await self._request("POST", "/v1/score", req)
+        out: ScoreResponse = self._decode(resp, ScoreResponse)
         return [ScoredSequence(r.start, _topk(r.top_ids, r.top_logprobs, r.tail_logprob),
                                _tensor(r.next_token_logprobs), _tensor(r.token_logprobs), _tensor(r.logprobs))
                 for r in out.results]
@@ -172,8 +265,10 @@ class TeacherClient:
         await session.open()
         return session
 
-    async def _session_call(self, path: str, body: BaseModel) -> SessionStep:
-        return self._decode(await self._request("POST", path, body, retry_transport=False), SessionStep)
+    async def _session_call(self, path: str, body: BaseModel,
+                            replica: Replica | None = None) -> tuple[SessionStep, Replica]:
+        resp, where = await self._request("POST", path, body, retry_transport=False, replica=replica)
+        return self._decode(resp, SessionStep), where
 
 
 class TeacherSession:
@@ -182,20 +277,22 @@ class TeacherSession:
     def __init__(self, client: TeacherClient, prefixes: list[list[int]], top_k: int) -> None:
         self.client, self.prefixes, self.top_k = client, prefixes, top_k
         self.session_id: str | None = None
+        self.replica: Replica | None = None  # the server holding it
         self.first: TeacherTopK | None = None
         self.rebuilds = 0
 
     async def open(self) -> TeacherTopK:
-        """(Re)create the session from the full prefixes; returns every row's next-token top-k."""
+        """(Re)create the session from the full prefixes, on the least-loaded healthy replica;
+        returns every row's next-token top-k."""
         req = SessionCreateRequest(sequences=self.prefixes, top_k=self.top_k)
         for attempt in range(self.client.retries + 1):
             try:
-                step = await self.client._session_call("/v1/sessions", req)
+                step, self.replica = await self.client._session_call("/v1/sessions", req)
                 break
             except TeacherError as exc:
                 if exc.status is not None or attempt == self.client.retries:
                     raise
-                await asyncio.sleep(min(self.client.max_backoff_s, self.client.backoff_s * 2**attempt))
+                await self.client._pause(attempt)
         self.session_id = step.session_id
         self.first = _topk(step.top_ids, step.top_logprobs, step.tail_logprob)
         return self.first
@@ -208,13 +305,13 @@ class TeacherSession:
         for row, toks in zip(rows, tokens, strict=True):
             self.prefixes[row].extend(toks)
         try:
-            step = await self.client._session_call(f"/v1/sessions/{self.session_id}/extend", req)
+            step, _ = await self.client._session_call(f"/v1/sessions/{self.session_id}/extend", req, self.replica)
             if step.lengths == [len(self.prefixes[r]) for r in rows]:
                 return _topk(step.top_ids, step.top_logprobs, step.tail_logprob)
         except TeacherError as exc:
             if exc.status is not None and exc.code != ErrorCode.SESSION_NOT_FOUND:
                 raise
-        self.rebuilds += 1  # lost, expired, or out of step with our prefixes: start again from them
+        self.rebuilds += 1  # lost, expired, its replica gone, or out of step: start again from the prefixes
         full = await self.open()
         index = torch.tensor(rows, dtype=torch.long)
         return TeacherTopK(full.ids[index], full.logprobs[index], full.tail_logprob[index])
@@ -223,7 +320,8 @@ class TeacherSession:
         if self.session_id is None:
             return
         try:
-            await self.client._request("DELETE", f"/v1/sessions/{self.session_id}", retry_transport=False)
+            await self.client._request("DELETE", f"/v1/sessions/{self.session_id}", retry_transport=False,
+                                       replica=self.replica)
         except TeacherError:
             pass  # already gone: the TTL would have freed it anyway
         self.session_id = None

@@ -158,9 +158,9 @@ async def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     local = None
     if cfg.teacher.url is None:
         local = LocalTeacher(cfg.teacher.model, threads=cfg.teacher.threads, log=out / "teacher.log").wait_ready()
-    url = cfg.teacher.url or local.url
+    urls = cfg.teacher.urls or [local.url]
     try:
-        async with TeacherClient(url, client_id=f"trainer:{out.name}", timeout=cfg.teacher.timeout_s,
+        async with TeacherClient(urls, client_id=f"trainer:{out.name}", timeout=cfg.teacher.timeout_s,
                                  api_key=cfg.teacher.api_key) as client:
             await client.wait_ready()
             await client.check_tokenizer(tokenizer)

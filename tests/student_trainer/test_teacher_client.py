@@ -1,7 +1,9 @@
-"""The trainer's client against real server processes: tensors out, lost sessions rebuilt, bad pairs refused."""
+"""The trainer's client against real server processes: tensors out, lost sessions rebuilt, bad pairs refused,
+and load spread over replicas with a dead one routed around."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -77,3 +79,63 @@ async def test_unreachable_teacher_fails_after_retries() -> None:
     async with TeacherClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff_s=0.01) as client:
         with pytest.raises(TeacherError, match="unreachable"):
             await client.score([[1, 2]])
+
+
+# ---- several replicas ------------------------------------------------------------------------
+async def test_replicas_share_the_load_and_sessions_stay_on_theirs(teacher: ServerProcess, tiny_model: Path) -> None:
+    second = ServerProcess(tiny_model).wait_ready()
+    try:
+        async with TeacherClient([teacher.url, second.url]) as client:
+            sessions = [await client.open_session([[1, 5 + i], [1, 6, 7]], top_k=4) for i in range(6)]
+            for t in range(3):  # concurrent extends, as several rollouts would send them
+                await asyncio.gather(*(s.extend([[8 + t], [9]]) for s in sessions))
+            await asyncio.gather(*(client.score([[1, 5, 6, 7]], top_k=4) for _ in range(6)))
+            per_replica = client.requests_per_replica()
+            assert {s.replica.url for s in sessions} == {teacher.url, second.url}
+            assert all(s.rebuilds == 0 for s in sessions)  # every extend found its session where it lives
+            for s in sessions:
+                await s.close()
+        print(f"requests per replica: {per_replica}")
+        assert min(per_replica.values()) >= 0.4 * sum(per_replica.values())
+    finally:
+        second.stop()
+
+
+async def test_a_dead_replica_is_routed_around_then_probed_back(tiny_model: Path) -> None:
+    a, b = ServerProcess(tiny_model).wait_ready(), ServerProcess(tiny_model).wait_ready()
+    servers = {a.url: a, b.url: b}
+    try:
+        async with TeacherClient([a.url, b.url], retries=4, backoff_s=0.2, max_backoff_s=0.5) as client:
+            await client.check_tokenizer(AutoTokenizer.from_pretrained(tiny_model))
+            session = await client.open_session([[1, 5, 6]], top_k=3)
+            victim = servers[session.replica.url]
+            survivor = b if victim is a else a
+            victim.proc.kill()  # kill -9: its sessions are gone with it
+            victim.proc.wait()
+            step = await session.extend([[7]])
+            assert session.rebuilds == 1 and session.replica.url == survivor.url
+            ref = await client.score([[1, 5, 6, 7]], start=3, top_k=3)
+            assert torch.equal(step.ids, ref[0].topk.ids)
+            for _ in range(4):  # routed to the survivor, no waiting on the dead one
+                await client.score([[1, 2]], top_k=3)
+            before = client.requests_per_replica()[victim.url]
+
+            restarted = ServerProcess(tiny_model, port=victim.port).wait_ready()
+            servers[victim.url] = restarted
+            for _ in range(100):  # a /health probe after the backoff puts it back in rotation
+                await client.score([[1, 2]], top_k=3)
+                if client.requests_per_replica()[victim.url] > before:
+                    break
+                await asyncio.sleep(0.05)
+            assert client.requests_per_replica()[victim.url] > before
+            await session.close()
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+async def test_every_replica_is_checked_for_the_tokenizer(teacher: ServerProcess, task_teacher: ServerProcess,
+                                                          tiny_model: Path) -> None:
+    async with TeacherClient([teacher.url, task_teacher.url]) as client:
+        with pytest.raises(TokenizerMismatch, match=task_teacher.url.replace(".", r"\.")):
+            await client.check_tokenizer(AutoTokenizer.from_pretrained(tiny_model))
