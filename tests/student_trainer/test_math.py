@@ -225,3 +225,16 @@ def test_two_step_run_on_the_math_fixture(task_models, task_teacher, tmp_path: P
     assert summary["steps"] == 2 and 0.0 <= summary["final_accuracy"] <= 1.0
     assert summary["final_probe_kl"] > 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "qwen3").glob("*.yaml")), ids=lambda p: p.stem)
+def test_gpu_recipes_validate_and_build_math_prompts(recipe: Path) -> None:
+    cpu = load_config(REPO / "recipes" / "arithmetic" / "trb.yaml")
+    cfg = load_config(recipe, [f"data.path={SAMPLE}", "data.eval_path=null", "data.eval_size=3"])
+    assert (cfg.data.task, cfg.student.device, cfg.teacher.url) == ("math", "cuda", "http://127.0.0.1:8000")
+    assert cfg.method.name == cpu.method.name == "trb" and cfg.teacher.top_k == cpu.teacher.top_k
+    assert cfg.train.batch_size % cfg.optim.accum_steps == 0
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    data = TaskData(cfg.data, tok)
+    assert all(p.prompt.endswith("<assistant><think></think>") for p in data.eval_set())  # Qwen3 non-thinking
