@@ -10,7 +10,7 @@ Normalisation (`normalize`): drop `$`, whitespace and LaTeX spacing (`\\,` `\\!`
 `\\left`/`\\right`, `\\text{..}`/`\\mathrm{..}` wrappers, `^\\circ`, `\\%`, one trailing `.`, and a short
 `x=` in front; `\\dfrac`/`\\tfrac` become `\\frac`, and `\\frac12` becomes `\\frac{1}{2}`.
 Numbers (`to_number`): integers, decimals, `a/b`, `\\frac{a}{b}`, with `1,000`-style thousands
-separators; so "1,000" = "1000" and "0.5" = "1/2" = "\\frac{1}{2}", but "0.333" != "1/3".
+separators (LaTeX's `1{,}000` too); so "1,000" = "1000" and "0.5" = "1/2" = "\\frac{1}{2}", but "0.333" != "1/3".
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def last_boxed(text: str) -> str | None:
 
 def normalize(answer: str) -> str:
     """A canonical string for an answer; see the module docstring for the exact rules."""
-    s = answer.replace("\\$", "").replace("$", "")
+    s = answer.replace("\\$", "").replace("$", "").replace("{,}", ",")
     s = _LEFT_RIGHT_RE.sub("", s)
     s = _SPACING_RE.sub("", s)
     s = _WRAPPER_RE.sub(r"\1", s)

@@ -127,7 +127,7 @@ def test_last_boxed_recovers_any_balanced_content(prefix: str, earlier: str, con
     ("\\tfrac{3}{4}", "0.75"), ("-\\frac{1}{2}", "\\frac{-1}{2}"), ("$14$", "14"), ("14.", "14"),
     ("\\left( 1, 2 \\right)", "(1,2)"), (" 2 \\sqrt{3} ", "2\\sqrt{3}"), ("x = -3", "-3"),
     ("180^\\circ", "180"), ("50\\%", "50"), ("\\$18.00", "18"), ("\\text{(B)}", "(B)"), ("007", "7"),
-    ("2.50", "5/2"), ("1,234,567.5", "1234567.5"),
+    ("2.50", "5/2"), ("1,234,567.5", "1234567.5"), ("1{,}000", "1000"),
 ])
 def test_equivalent_answers_match(a: str, b: str) -> None:
     assert answers_match(a, b) and answers_match(b, a)
