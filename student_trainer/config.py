@@ -86,12 +86,13 @@ class OptimCfg(_Section):
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (batch_size must divide).")
+    accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step and rank (batch_size must "
+                                                  "divide by world size x accum_steps); the loss is unchanged.")
 
 
 class TrainCfg(_Section):
     steps: int = Field(100, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Prompts per optimizer step (one rollout each).")
+    batch_size: int = Field(16, ge=1, description="Prompts per optimizer step over all ranks (one rollout each).")
     max_new_tokens: int = Field(64, ge=1)
     seed: int = 0
     eval_every: int = Field(25, ge=0, description="0 disables periodic eval (eval still runs at start and end).")
@@ -101,6 +102,8 @@ class TrainCfg(_Section):
     threads: int | None = Field(None, description="torch threads of the trainer.")
     progress: bool = True
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite steps before the run stops.")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP replicates the student, "
+                                             "FSDP2 shards it (GPU-sized students); unused in one process.")
 
 
 class Config(_Section):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import torch
@@ -89,8 +89,11 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = []
     try:
         for t in range(max_new_tokens):
-            tokens_A, diag = behavior.sample(logits_A_V, topk_A, eps, rows_of(generator, active))
-            diagnostics.append((active, diag))
+            # The student may sit on a GPU; teacher targets and the rollout's buffers stay on the CPU.
+            topk_dev = topk_A.to(logits_A_V.device) if topk_A is not None else None
+            tokens_A, diag = behavior.sample(logits_A_V, topk_dev, eps, rows_of(generator, active))
+            tokens_A = tokens_A.cpu()
+            diagnostics.append((active, StepDiagnostics(*(getattr(diag, f.name).cpu() for f in fields(diag)))))
             new_tokens[active, t] = tokens_A
             lengths[active] += 1
             if topk_A is not None:

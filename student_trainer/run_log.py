@@ -68,6 +68,22 @@ class RunLog:
             self.console.print(table)
 
 
+class NullLog:
+    """RunLog's interface, writing nothing: where ranks other than 0 report."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def advance(self, record: dict[str, Any]) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        pass
+
+
 def _truncate_after(path: Path, step: int) -> None:
     """Drop records past `step`: a run killed after logging a step but before checkpointing it
     repeats that step on resume, and the log must not hold it twice."""

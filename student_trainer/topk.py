@@ -43,6 +43,10 @@ class TeacherTopK:
         top_mass = _float(self.logprobs).logsumexp(-1)  # (N,) log Σ_S π_T
         return log1mexp(top_mass).clamp_min(TAIL_LOG_FLOOR)
 
+    def to(self, device: torch.device | str) -> TeacherTopK:
+        tail = None if self.tail_logprob is None else self.tail_logprob.to(device)
+        return TeacherTopK(self.ids.to(device), self.logprobs.to(device), tail)
+
     def select(self, index: torch.Tensor) -> TeacherTopK:
         """Rows picked by a boolean mask or index over the leading dims (e.g. response positions)."""
         tail = None if self.tail_logprob is None else self.tail_logprob[index]
