@@ -123,7 +123,7 @@ class TeacherClient:
             await r.http.aclose()
 
     def requests_per_replica(self) -> dict[str, int]:
-        """Requests sent to each replica so far (retries and probes not counted twice)."""
+        """Requests sent to each replica so far (each retry counts; health probes do not)."""
         return {r.url: r.requests for r in self.replicas}
 
     # ---- routing ------------------------------------------------------------------------
