@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="Allow full-vocabulary logprobs (under --max-full-values).")
     serve.add_argument("--max-full-values", type=int, default=None)
     serve.add_argument("--session-ttl", type=float, default=None, dest="session_ttl_s")
+    serve.add_argument("--max-batch-tokens", type=int, default=None,
+                       help="Tokens per forward (default 1024): larger batches on a GPU, shorter waits on a CPU.")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
     serve.add_argument("--api-keys-file", default=None, help="File of name:secret lines; or set TRB_TEACHER_API_KEYS.")
     serve.add_argument("--insecure-no-auth", action="store_true",
