@@ -29,8 +29,17 @@ from student_trainer.run_log import read_metrics  # noqa: E402
 METHODS = ["opd", "trb", "fixed_eps", "skd", "sft_warmup"]
 
 
-def run_one(recipe: str, method: str, seed: int, url: str, root: Path, extra: list[str]) -> Path:
+def finished(out: Path) -> bool:
+    """A run whose metrics end with the final record (an interrupted run has none)."""
+    path = out / "metrics.jsonl"
+    return path.exists() and bool(read_metrics(path)) and read_metrics(path)[-1].get("final", False)
+
+
+def run_one(recipe: str, method: str, seed: int, url: str, root: Path, extra: list[str],
+            reuse: bool = False) -> Path:
     out = root / f"{method}-seed{seed}"
+    if reuse and finished(out):
+        return out
     sets = [f"method.name={method}", f"train.seed={seed}", f"teacher.url={url}", f"train.out_dir={out}",
             "train.progress=false", "train.save_every=0", *extra]
     cmd = [sys.executable, "-m", "student_trainer.cli", "--config", recipe] + [a for s in sets for a in ("--set", s)]
@@ -93,6 +102,8 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "runs" / "reproduce"))
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs under --root (same recipe and overrides!), run only the rest")
     args = parser.parse_args()
     cfg = load_config(args.recipe, args.set)  # fail fast on a bad recipe or override
     root = Path(args.root)
@@ -101,7 +112,8 @@ def main() -> None:
     with LocalTeacher(cfg.teacher.model, threads=1, log=root / "teacher.log") as teacher:
         jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
         with ThreadPoolExecutor(args.parallel) as pool:
-            futures = {job: pool.submit(run_one, args.recipe, *job, teacher.url, root, args.set) for job in jobs}
+            futures = {job: pool.submit(run_one, args.recipe, *job, teacher.url, root, args.set, args.reuse)
+                       for job in jobs}
             outs = {job: f.result() for job, f in futures.items()}
     runs = {m: [outs[(m, s)] for s in range(args.seeds)] for m in args.methods}
     results = Path(args.results)
