@@ -133,7 +133,7 @@ def main() -> None:
         frac, frac1, worst = compare(cpu, HFBackend(TEACHER, device=dev, dtype=dtype), seqs)
         row(f"arith-teacher, {dev} {dtype} vs CPU float32, {sum(map(len, seqs))} positions",
             f"top-{TOP_K} ids identical (same order) at {frac:.2%} of positions, top-1 at {frac1:.2%}; "
-            f"max |Δ logprob| {worst:.2e}")
+            f"max abs Δ logprob {worst:.2e}")
 
     # 2. a larger random teacher: exactness on a few rows, tokens/s in process and over HTTP
     tmp = Path(tempfile.mkdtemp())
@@ -142,7 +142,7 @@ def main() -> None:
     batch = torch.randint(10, 32000, (16, 256), generator=gen).tolist()
     frac, frac1, worst = compare(HFBackend(str(big)), HFBackend(str(big), device=dev), batch[:4])
     row(f"random Qwen3 0.2B, {dev} float32 vs CPU float32, 4 x 256",
-        f"top-20 ids identical {frac:.2%}, top-1 {frac1:.2%}; max |Δ| {worst:.2e}")
+        f"top-20 ids identical {frac:.2%}, top-1 {frac1:.2%}; max abs Δ {worst:.2e}")
     for dtype in ("float32", "bfloat16"):
         backend = HFBackend(str(big), device=dev, dtype=dtype)
         req = ScoreRequest(sequences=batch, top_k=TOP_K)
