@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--model", default=None, help="Teacher dir (default: models/arith-teacher or a tiny one).")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="The server's token budget per forward.")
     args = parser.parse_args()
     model = args.model or str(REPO / "models" / "arith-teacher")
     if not Path(model).exists():
@@ -158,12 +159,14 @@ def main() -> None:
 
         model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     torch.set_num_threads(args.threads)
-    with LocalTeacher(model, threads=args.threads) as teacher:
+    extra = ["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else []
+    with LocalTeacher(model, *extra, threads=args.threads) as teacher:
         vocab = asyncio.run(_vocab(teacher.url))
         alone = phase(teacher.url, vocab, 0, min(20.0, args.seconds))
         loaded = phase(teacher.url, vocab, args.clients, args.seconds)
     bad, worst = check_exact(model, alone.answers + loaded.answers)
-    print(f"model {model}; {args.clients} heavy clients for {args.seconds:.0f} s; server threads {args.threads}")
+    print(f"model {model}; {args.clients} heavy clients for {args.seconds:.0f} s; server threads {args.threads}; "
+          f"max batch tokens {args.max_batch_tokens or 'default'}")
     print(f"{'requests':<16}{'count':>8}{'p50 ms':>10}{'p99 ms':>10}")
     for rec in (alone, loaded):
         for kind, xs in sorted(rec.latency.items()):
