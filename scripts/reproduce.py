@@ -85,7 +85,8 @@ def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, des
         "| method | final accuracy | area under accuracy curve | final probe KL(π_S‖π_T) | generated tokens |",
         "| --- | --- | --- | --- | --- |",
         *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows], "",
-        f"Mean ± std over {len(next(iter(runs.values())))} seeds, sorted by area under the curve.", "",
+        f"Mean ± std over {len(next(iter(runs.values())))} seeds, sorted by area under the curve. "
+        "What moves the ordering (ε0, warmup length K, how weak the student starts): [sweep.md](sweep.md).", "",
         "![accuracy by method](results.png)", "",
         "## Hyperparameters", "", "Recipe (overrides: `" + " ".join(extra) + "`):", "", "```yaml", cfg_text.strip(),
         "```", "",
