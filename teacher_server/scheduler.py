@@ -28,7 +28,6 @@ from typing import Any
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend
 
-
 # (seconds queued, seconds on the model) of the request handled in this task, for `Server-Timing`:
 # a client can tell the teacher's queueing from its own and the network's share of a latency.
 TIMING: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("timing", default=None)
@@ -78,37 +77,30 @@ class FairScheduler:
         self._executor.shutdown(wait=True)
 
     async def score(self, client: str, request: ScoreRequest) -> list[SequenceScores]:
-        self._admit()
         jobs = [_Job(client=client, tokens=sum(len(s) for s in part.sequences), request=part)
                 for part in split_request(request, self.max_batch_tokens)]
-        try:
-            parts = await asyncio.gather(*[self._submit(job, admitted=True) for job in jobs])
-        finally:
-            _report(jobs)
-        return [seq for part in parts for seq in part]
+        return [seq for part in await self._run_jobs(jobs) for seq in part]
 
     async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1) -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""
-        job = _Job(client=client, tokens=tokens, call=fn)
-        try:
-            return await self._submit(job)
-        finally:
-            _report([job])
+        (result,) = await self._run_jobs([_Job(client=client, tokens=tokens, call=fn)])
+        return result
 
-    def _admit(self) -> None:
+    async def _run_jobs(self, jobs: list[_Job]) -> list[Any]:
+        """Queue one request's jobs (its chunks, in order) and wait for all of them."""
         if self._depth >= self.max_queue:
             raise Overloaded(f"the teacher queue is full ({self.max_queue} requests waiting)")
-
-    async def _submit(self, job: _Job, admitted: bool = False) -> Any:
-        if not admitted:
-            self._admit()
-        if job.client not in self._queues:  # back from idle: no credit for the time away
-            self._vtime[job.client] = max(self._vtime.get(job.client, 0.0), self._floor())
-            self._queues[job.client] = deque()
-        self._queues[job.client].append(job)
-        self._depth += 1
+        client = jobs[0].client
+        if client not in self._queues:  # back from idle: no credit for the time away
+            self._vtime[client] = max(self._vtime.get(client, 0.0), self._floor())
+            self._queues[client] = deque()
+        self._queues[client].extend(jobs)
+        self._depth += len(jobs)
         self._wakeup.set()
-        return await job.future
+        try:
+            return await asyncio.gather(*(job.future for job in jobs))
+        finally:
+            _report(jobs)
 
     def _floor(self) -> float:
         """The least virtual time among queued clients (the system's virtual clock)."""
@@ -171,7 +163,7 @@ class FairScheduler:
             self.busy = True
             try:
                 if batch[0].request is not None:
-                    fn = lambda: self.backend.score([j.request for j in batch])  # noqa: E731
+                    fn = lambda b=batch: self.backend.score([j.request for j in b])  # noqa: E731
                 else:
                     fn = batch[0].call
                 started = time.perf_counter()
