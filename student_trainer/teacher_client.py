@@ -163,10 +163,10 @@ class TeacherClient:
         else:
             self._mark_down(r)
 
-    async def _pause(self, attempt: int) -> None:
+    async def _pause(self, delay: float) -> None:
         """Back off before a retry, unless another replica is up to take it at once."""
         if not any(r.up for r in self.replicas):
-            await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2))
+            await asyncio.sleep(delay)
 
     # ---- transport ----------------------------------------------------------------------
     async def _request(self, method: str, path: str, body: BaseModel | None = None,
@@ -185,7 +185,7 @@ class TeacherClient:
                 self._mark_down(target)
                 if not retry_transport or attempt == self.retries:
                     raise TeacherError(f"teacher at {target.url} unreachable: {exc!r}") from exc
-                await (asyncio.sleep(delay) if replica else self._pause(attempt))
+                await (asyncio.sleep(delay) if replica else self._pause(delay))
                 continue
             finally:
                 target.in_flight -= 1
