@@ -97,6 +97,7 @@ async def light(url: str, vocab: int, stop: float, rec: Recorder, kind: str) -> 
                 rec.time(kind, time.perf_counter() - t0)
                 timing = dict(p.strip().split(";dur=") for p in resp.headers["server-timing"].split(","))
                 rec.time(kind + "_server", (float(timing["queue"]) + float(timing["model"])) / 1e3)
+                rec.time(kind + "_queue", float(timing["queue"]) / 1e3)
                 (res,) = codec.decode(resp.content, ScoreResponse, codec.MSGPACK).results
                 rec.answers.append((seq, res.top_ids[0], res.top_logprobs[0]))
             except httpx.HTTPError as exc:

@@ -6,6 +6,7 @@ Routes live in `routes.py`, request plumbing (body decoding, content negotiation
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared.protocol import ErrorCode, ModelInfo
 from teacher_server.auth import key_name, load_keys
 from teacher_server.backends.base import Backend
+from teacher_server.backends.factory import load_backend
 from teacher_server.deps import client_of
 from teacher_server.errors import error_response, install_error_handlers
 from teacher_server.metrics import Metrics
@@ -26,17 +28,12 @@ from teacher_server.settings import ServerSettings
 
 
 def build_backend(cfg: ServerSettings) -> Backend:
-    if cfg.backend == "hf":
-        from teacher_server.backends.hf import HFBackend
+    """The configured backend, in a worker process unless `model_process` is off (see `worker.py`)."""
+    if not cfg.model_process:
+        return load_backend(cfg)
+    from teacher_server.worker import ProcessBackend
 
-        return HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, name=cfg.served_name,
-                         max_context=cfg.max_context)
-    if cfg.backend == "sglang":
-        from teacher_server.backends.sglang import SGLangBackend
-
-        return SGLangBackend(cfg.model, url=cfg.sglang_url, engine=cfg.sglang_engine, name=cfg.served_name,
-                             max_context=cfg.max_context, vocab_size=cfg.sglang_vocab_size, dtype=cfg.dtype)
-    raise ValueError(f"unknown backend {cfg.backend!r}")
+    return ProcessBackend(functools.partial(load_backend, cfg))
 
 
 class Server:
@@ -44,7 +41,7 @@ class Server:
 
     def __init__(self, cfg: ServerSettings, backend: Backend) -> None:
         self.cfg, self.backend, self.metrics = cfg, backend, Metrics()
-        self.scheduler = FairScheduler(backend, cfg.max_queue, cfg.max_batch_tokens)
+        self.scheduler = FairScheduler(backend, cfg.max_queue, cfg.batch_tokens)
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions, cfg.max_session_bytes)
 
     def model_info(self) -> ModelInfo:

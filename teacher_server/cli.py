@@ -41,8 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-full-values", type=int, default=None)
     serve.add_argument("--session-ttl", type=float, default=None, dest="session_ttl_s")
     serve.add_argument("--max-batch-tokens", type=int, default=None,
-                       help="Tokens per forward (default 1024): larger batches on a GPU, shorter waits on a CPU.")
+                       help="Tokens per forward (default 256 on a CPU, 1024 elsewhere): larger batches "
+                       "on a GPU, shorter waits on a CPU.")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
+    serve.add_argument("--model-thread", action="store_false", default=None, dest="model_process",
+                       help="Run the model on a thread of the server process instead of a worker process "
+                       "(debugging; slower under load).")
     serve.add_argument("--api-keys-file", default=None, help="File of name:secret lines; or set TRB_TEACHER_API_KEYS.")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="Allow a non-loopback --host without API keys (trusted networks only).")
@@ -62,10 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     if not keys and args.host not in LOOPBACK and not args.insecure_no_auth:
         sys.exit(f"trb-teacher: refusing to listen on {args.host} without API keys; set TRB_TEACHER_API_KEYS "
                  "or --api-keys-file, or pass --insecure-no-auth on a trusted network")
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import uvicorn
 

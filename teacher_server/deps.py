@@ -12,6 +12,7 @@ from shared import codec
 from shared.protocol import ErrorCode, ErrorResponse, float_dtype
 from teacher_server.errors import ApiError, from_validation_error
 from teacher_server.scheduler import TIMING, Overloaded
+from teacher_server.worker import WorkerDied
 
 if TYPE_CHECKING:
     from teacher_server.app import Server
@@ -99,3 +100,5 @@ async def run_queued(server: Server, coro: Any) -> Any:
         return await coro
     except Overloaded as exc:
         raise ApiError(503, ErrorCode.OVERLOADED, str(exc), headers={"Retry-After": "1"}) from exc
+    except WorkerDied as exc:  # a new worker is already serving: the retry will be answered
+        raise ApiError(503, ErrorCode.NOT_READY, str(exc), headers={"Retry-After": "1"}) from exc

@@ -30,6 +30,7 @@ from teacher_server.deps import (
 )
 from teacher_server.errors import ApiError
 from teacher_server.sessions import Session, SessionNotFound
+from teacher_server.worker import SessionLost
 
 if TYPE_CHECKING:
     from teacher_server.app import Server
@@ -116,8 +117,12 @@ async def extend_session(session_id: str, request: Request) -> Response:
             raise ApiError(422, ErrorCode.INVALID_REQUEST,
                            f"tokens.{i}: row {row} would exceed the max context {info.max_context}", f"tokens.{i}")
     client, tokens = client_of(request), sum(len(t) for t in req.tokens)
-    step = await run_queued(server, server.scheduler.call(
-        client, lambda: server.backend.extend_session(state, rows, req.tokens, session.top_k), tokens))
+    try:
+        step = await run_queued(server, server.scheduler.call(
+            client, lambda: server.backend.extend_session(state, rows, req.tokens, session.top_k), tokens))
+    except SessionLost as exc:  # the model worker restarted since this session opened
+        server.sessions.discard(session_id)
+        raise _not_found(session_id) from exc
     server.metrics.tokens_scored.labels(client).inc(tokens)
     server.sessions.enforce_caps(keep=session_id)
     server.refresh_gauges()

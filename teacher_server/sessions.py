@@ -59,8 +59,15 @@ class SessionStore:
         return session
 
     def remove(self, session_id: str) -> None:
-        if self._sessions.pop(session_id, None) is None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
             raise SessionNotFound(session_id)
+        session.state.close()
+
+    def discard(self, session_id: str) -> None:
+        """Remove the session if it is still there."""
+        if session_id in self._sessions:
+            self.remove(session_id)
 
     def sweep(self) -> int:
         """Drop sessions idle for longer than the TTL."""
@@ -69,7 +76,7 @@ class SessionStore:
             if now - s.last_used > self.ttl_s:
                 expired.append(sid)
         for sid in expired:
-            del self._sessions[sid]
+            self._sessions.pop(sid).state.close()
         return len(expired)
 
     def enforce_caps(self, keep: str | None = None) -> None:
@@ -78,4 +85,4 @@ class SessionStore:
             if len(self._sessions) <= self.max_sessions and self.nbytes <= self.max_bytes:
                 return
             if sid != keep:
-                del self._sessions[sid]
+                self._sessions.pop(sid).state.close()

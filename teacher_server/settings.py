@@ -26,15 +26,24 @@ class ServerSettings(BaseSettings):
     allow_full: bool = False
     max_full_values: int = 16_000_000
     max_queue: int = 256
-    max_batch_tokens: int = Field(1024, ge=1, description="Tokens per forward: requests are batched up to it and "
-                                  "larger ones split by sequences, so no client holds the model for longer.")
+    max_batch_tokens: int | None = Field(None, ge=1, description="Tokens per forward: requests are batched up to "
+                                         "it and larger ones split by sequences, so no client holds the model "
+                                         "for longer. Default: 256 on a CPU, 1024 elsewhere.")
     session_ttl_s: float = 600.0
     max_sessions: int = 256
     max_session_bytes: int = 2 << 30
     threads: int | None = None
+    model_process: bool = Field(True, description="Run the model in a worker process, so that its Python does "
+                                "not share the interpreter lock with the HTTP work (off: a thread, for debugging).")
     max_body_bytes: int = 64 << 20
     api_keys: str | None = Field(None, description="name:secret,... (prefer api_keys_file).")
     api_keys_file: str | None = None
+
+    @property
+    def batch_tokens(self) -> int:
+        """The token budget per forward. Why smaller on a CPU: there a forward costs in proportion to its
+        tokens, so a bigger batch buys no throughput and only makes the next client wait longer."""
+        return self.max_batch_tokens or (256 if self.device == "cpu" else 1024)
 
     @model_validator(mode="after")
     def _sglang_target(self) -> ServerSettings:

@@ -46,6 +46,9 @@ class SessionState(ABC):
     def nbytes(self) -> int:
         """Memory held, for the session cap and the metrics."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the state now (the session store calls this on delete, expiry and eviction)."""
+
 
 class UnsupportedRequest(ValueError):
     """The backend cannot serve this kind of request (e.g. full logprobs over SGLang)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,31 @@ async def test_full_queue_is_refused(backend: CountingBackend) -> None:
     gate.set()
     await asyncio.gather(blocker, *queued)
     await scheduler.stop()
+
+
+async def test_a_request_rides_along_only_with_a_larger_one(backend: CountingBackend) -> None:
+    small, big = ScoreRequest(sequences=[[1, 2, 3]], top_k=2), ScoreRequest(sequences=[[1, 2, 3]] * 4, top_k=2)
+    for first, second, expected in (("small", "big", [1, 1]), ("big", "small", [2])):
+        scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=10_000)
+        scheduler.start()
+        gate, blocker = await _blocked(scheduler)
+        backend.calls.clear()
+        reqs = {"small": small, "big": big}
+        tasks = [asyncio.create_task(scheduler.score(c, reqs[c])) for c in (first, second)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(blocker, *tasks)
+        await scheduler.stop()
+        # the small request never pays for the big one's tokens; it may join the big one's forward
+        assert backend.calls == expected, (first, backend.calls)
+
+
+def test_ties_go_to_the_client_served_longest_ago() -> None:
+    scheduler = FairScheduler(backend=None, max_queue=10, max_batch_tokens=10)  # type: ignore[arg-type]
+    scheduler._queues = {c: deque([None]) for c in ("heavy-0", "heavy-1", "light")}  # type: ignore[list-item]
+    scheduler._vtime = {"heavy-0": 2.0, "heavy-1": 2.0, "light": 2.0}  # all back from idle, at the floor
+    scheduler._served = {"heavy-0": 41, "heavy-1": 42, "light": 30}
+    assert scheduler._order() == ["light", "heavy-0", "heavy-1"]
+    scheduler._vtime["light"] = 2.5  # virtual time still comes first
+    assert scheduler._order() == ["heavy-0", "heavy-1", "light"]
+    scheduler._executor.shutdown()

@@ -1,0 +1,192 @@
+"""The model in a process of its own, behind the same `Backend` interface.
+
+Why: a small model's forward is mostly Python (one op dispatch after another), and so is the HTTP
+work around it. In one process the two take turns on one interpreter lock, so under load every
+request waits for the other side's Python as well as for its turn on the model, and fair queuing
+cannot help a light client (docs/performance.md, "Load and fairness"). Here the server process
+parses, queues and encodes; the worker only runs the backend. The scheduler is unchanged: its
+model thread now spends a call blocked on a pipe, with the lock released.
+
+Sessions live in the worker; the server holds a `RemoteSession` handle with the lengths and bytes
+the worker reports after each call. Closing a handle is queued and sent with the next call, so it
+never waits behind a forward in progress.
+
+If the worker dies (killed, out of memory), the call in flight fails with `WorkerDied`, a new
+worker loads the model, and the sessions the old one held are gone: their next extend answers
+`session_not_found`, which clients already handle by rebuilding from their prefixes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import pickle
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from shared.protocol import ScoreRequest, SequenceScores
+from teacher_server.backends.base import Backend, SessionState, StepArrays
+
+log = logging.getLogger("teacher_server.worker")
+
+
+class WorkerDied(RuntimeError):
+    """The model process exited during a call; a new one has been started."""
+
+
+class SessionLost(KeyError):
+    """The worker holds no state for this session (it was restarted since the session opened)."""
+
+
+class RemoteSession(SessionState):
+    """The server-side handle of a session whose KV cache lives in the worker."""
+
+    def __init__(self, owner: ProcessBackend, sid: int, generation: int, lengths: list[int], nbytes: int) -> None:
+        self.owner, self.sid, self.generation = owner, sid, generation
+        self.lengths = lengths
+        self._nbytes = nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def close(self) -> None:
+        self.owner.drop(self)
+
+
+class ProcessBackend(Backend):
+    """Runs `factory()`'s backend in a spawned process; `factory` must be picklable."""
+
+    def __init__(self, factory: Callable[[], Backend]) -> None:
+        self._factory = factory
+        self._ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        self._lock = threading.Lock()  # one call on the pipe at a time
+        self._drops: deque[int] = deque()  # closed sessions, freed with the next call
+        self._ids = itertools.count()
+        self.generation = 0
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        conn, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_serve, args=(child, self._factory), name="teacher-model")
+        proc.start()
+        child.close()  # so that the worker's death reads as EOF here
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            proc.join(timeout=5)
+            raise RuntimeError(f"the model process exited with code {proc.exitcode} while loading") from None
+        if kind == "error":
+            proc.join(timeout=5)
+            raise payload
+        self.info = payload
+        self._conn, self._proc = conn, proc
+        self._drops.clear()
+        self.generation += 1
+
+    def _call(self, op: str, *args: Any) -> Any:
+        with self._lock:
+            drops = [self._drops.popleft() for _ in range(len(self._drops))]
+            try:
+                self._conn.send((op, args, drops))
+                kind, payload = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._proc.join(timeout=5)
+                code = self._proc.exitcode
+                log.error("the model process died (exit code %s) during %s; starting a new one", code, op)
+                self._conn.close()
+                self.restarts += 1
+                self._start()
+                raise WorkerDied(f"the model process died (exit code {code}); a new one is serving, "
+                                 "open sessions were lost") from exc
+        if kind == "error":
+            raise payload
+        return payload
+
+    def drop(self, session: RemoteSession) -> None:
+        if session.generation == self.generation:
+            self._drops.append(session.sid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
+        return self._call("score", requests)
+
+    def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[RemoteSession, StepArrays]:
+        sid = next(self._ids)
+        lengths, nbytes, step = self._call("open", sid, sequences, top_k)
+        return RemoteSession(self, sid, self.generation, lengths, nbytes), step
+
+    def extend_session(self, state: RemoteSession, rows: list[int],  # type: ignore[override]
+                       tokens: list[list[int]], top_k: int) -> StepArrays:
+        if state.generation != self.generation:
+            raise SessionLost(state.sid)
+        state.lengths, state._nbytes, step = self._call("extend", state.sid, rows, tokens, top_k)
+        return step
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()  # the worker reads EOF and exits
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+
+
+def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
+    """The worker's loop: load, then answer (op, args, drops) messages until the pipe closes."""
+    # Signals are the server's business: it drains its requests, then closes the pipe to stop us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        backend = factory()
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which fails its startup
+        conn.send(("error", _portable(exc)))
+        return
+    conn.send(("ok", backend.info))
+    sessions: dict[int, SessionState] = {}
+    while True:
+        try:
+            op, args, drops = conn.recv()
+        except EOFError:
+            break
+        for sid in drops:
+            sessions.pop(sid, None)
+        try:
+            if op == "score":
+                result: Any = backend.score(*args)
+            elif op == "open":
+                sid, sequences, top_k = args
+                state, step = backend.open_session(sequences, top_k)
+                sessions[sid] = state
+                result = (list(state.lengths), state.nbytes, step)
+            elif op == "extend":
+                sid, rows, tokens, top_k = args
+                if (state := sessions.get(sid)) is None:
+                    raise SessionLost(sid)
+                step = backend.extend_session(state, rows, tokens, top_k)
+                result = (list(state.lengths), state.nbytes, step)
+            else:
+                raise ValueError(f"unknown worker op {op!r}")
+            conn.send(("ok", result))
+        except Exception as exc:  # noqa: BLE001 - delivered to the request that caused it
+            log.exception("model worker: %s failed", op)
+            conn.send(("error", _portable(exc)))
+    backend.close()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else a RuntimeError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")

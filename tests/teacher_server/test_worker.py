@@ -1,0 +1,132 @@
+"""The model worker process: same answers as the in-process backend, and a server that outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import ServerProcess
+from shared.protocol import ScoreRequest
+from student_trainer.teacher_client import TeacherClient
+from teacher_server.backends.factory import load_backend
+from teacher_server.backends.hf import HFBackend
+from teacher_server.settings import ServerSettings
+from teacher_server.worker import ProcessBackend, SessionLost, WorkerDied
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_model: Path) -> Iterator[ProcessBackend]:
+    backend = ProcessBackend(functools.partial(load_backend, ServerSettings(model=str(tiny_model), threads=1)))
+    yield backend
+    backend.close()
+
+
+def test_worker_answers_like_the_backend_in_process(remote: ProcessBackend, tiny_model: Path) -> None:
+    local = HFBackend(str(tiny_model))
+    assert remote.info == local.info
+    req = ScoreRequest(sequences=[[1, 5, 9, 7], [1, 4]], start=[1, 0], top_k=5, token_ids=[3, 4])
+    for a, b in zip(remote.score([req])[0], local.score([req])[0], strict=True):
+        assert a.start == b.start and np.array_equal(a.top_ids, b.top_ids)
+        np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-6)
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-6)
+
+    state, first = remote.open_session([[1, 5, 9], [1, 4]], top_k=5)
+    local_state, local_first = local.open_session([[1, 5, 9], [1, 4]], top_k=5)
+    assert np.array_equal(first.top_ids, local_first.top_ids)
+    step = remote.extend_session(state, [1], [[6, 7]], top_k=5)
+    local_step = local.extend_session(local_state, [1], [[6, 7]], top_k=5)
+    np.testing.assert_allclose(step.top_logprobs, local_step.top_logprobs, atol=1e-6)
+    assert state.lengths == local_state.lengths == [3, 4]  # the handle follows the worker's state
+    assert state.nbytes == local_state.nbytes > 0
+
+
+def test_closed_sessions_are_freed_in_the_worker(remote: ProcessBackend) -> None:
+    state, _ = remote.open_session([[1, 5, 9]], top_k=3)
+    state.close()  # queued, sent with the next call
+    remote.score([ScoreRequest(sequences=[[1, 2]])])
+    with pytest.raises(SessionLost):
+        remote.extend_session(state, [0], [[4]], top_k=3)
+
+
+def test_a_killed_worker_is_replaced_and_its_sessions_read_as_lost(remote: ProcessBackend) -> None:
+    state, _ = remote.open_session([[1, 5, 9]], top_k=3)
+    old_pid = remote.pid
+    os.kill(old_pid, signal.SIGKILL)
+    with pytest.raises(WorkerDied, match="exit code -9"):
+        remote.score([ScoreRequest(sequences=[[1, 2]])])
+    assert remote.pid != old_pid and remote.restarts == 1
+    assert remote.score([ScoreRequest(sequences=[[1, 2]])])[0][0].top_ids.shape == (2, 20)
+    with pytest.raises(SessionLost):
+        remote.extend_session(state, [0], [[4]], top_k=3)
+
+
+def test_a_model_that_fails_to_load_fails_the_start(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        ProcessBackend(functools.partial(load_backend, ServerSettings(model=str(tmp_path / "missing"))))
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid`, from /proc (the worker is spawned from one of the server's threads)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _worker_pid(server_pid: int) -> int:
+    """The server's spawned model process (its other child is multiprocessing's resource tracker)."""
+    for pid in _children(server_pid):
+        if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
+            return pid
+    raise AssertionError(f"no model process among {_children(server_pid)}")
+
+
+def test_server_survives_its_worker_and_clients_carry_on(tiny_model: Path) -> None:
+    server = ServerProcess(tiny_model).wait_ready()
+    try:
+        async def run() -> None:
+            async with TeacherClient(server.url, retries=3, backoff_s=0.05) as client:
+                session = await client.open_session([[1, 5, 9], [1, 4, 4]], top_k=4)
+                before = await session.extend([[7], [8]])
+                os.kill(_worker_pid(server.proc.pid), signal.SIGKILL)
+                time.sleep(0.2)
+                # the first call after the kill meets the dead worker (503, retried), the session
+                # is gone (404, rebuilt from the prefixes), and the answer matches a fresh scoring
+                after = await session.extend([[3], [3]])
+                fresh = await client.score(session.prefixes, start=[3, 4], top_k=4)
+                for row in range(2):
+                    assert np.array_equal(after.ids[row].numpy(), fresh[row].topk.ids[-1].numpy())
+                    np.testing.assert_allclose(after.logprobs[row].numpy(), fresh[row].topk.logprobs[-1].numpy(),
+                                               atol=1e-5)
+                assert before.ids.shape == after.ids.shape
+
+        asyncio.run(run())
+        assert server.proc.poll() is None
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'code="not_ready"' in metrics or 'code="session_not_found"' in metrics
+    finally:
+        server.stop()
+
+
+def test_model_thread_mode_still_serves(tiny_model: Path) -> None:
+    server = ServerProcess(tiny_model, "--model-thread").wait_ready()
+    try:
+        resp = httpx.post(f"{server.url}/v1/score", json={"sequences": [[1, 2, 3]], "top_k": 2})
+        assert resp.status_code == 200 and len(resp.json()["results"]) == 1
+        assert not _children(server.proc.pid)
+    finally:
+        server.stop()
