@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from shared import codec  # noqa: E402
 from shared.protocol import ScoreRequest, ScoreResponse  # noqa: E402
@@ -82,7 +83,7 @@ async def heavy(url: str, idx: int, vocab: int, stop: float, rec: Recorder) -> N
                 rec.errors.append(repr(exc))
 
 
-async def light(url: str, vocab: int, stop: float, rec: Recorder, kind: str) -> None:
+async def light(url: str, vocab: int, stop: float, rec: Recorder, kind: str, period: float) -> None:
     """Raw httpx (msgpack both ways), so the `Server-Timing` header of each answer can be read."""
     rng = random.Random(99)
     headers = {"content-type": codec.MSGPACK, "accept": codec.MSGPACK, "x-client-id": "light"}
@@ -102,7 +103,7 @@ async def light(url: str, vocab: int, stop: float, rec: Recorder, kind: str) -> 
                 rec.answers.append((seq, res.top_ids[0], res.top_logprobs[0]))
             except httpx.HTTPError as exc:
                 rec.errors.append(repr(exc))
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(period)
 
 
 def check_exact(model_dir: str, answers: list[tuple[list[int], np.ndarray, np.ndarray]]) -> tuple[int, float]:
@@ -127,17 +128,17 @@ def heavy_process(url: str, vocab: int, clients: int, seconds: float) -> Recorde
     return asyncio.run(run())
 
 
-def phase(url: str, vocab: int, clients: int, seconds: float) -> Recorder:
+def phase(url: str, vocab: int, clients: int, seconds: float, period: float) -> Recorder:
     rec = Recorder()
     kind = "light_loaded" if clients else "light_alone"
     if not clients:
-        asyncio.run(light(url, vocab, time.monotonic() + seconds, rec, kind))
+        asyncio.run(light(url, vocab, time.monotonic() + seconds, rec, kind, period))
         return rec
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         pending = pool.apply_async(heavy_process, (url, vocab, clients, seconds))
         time.sleep(2.0)  # let the heavy clients get going before probing
-        asyncio.run(light(url, vocab, time.monotonic() + seconds - 4.0, rec, kind))
+        asyncio.run(light(url, vocab, time.monotonic() + seconds - 4.0, rec, kind, period))
         heavy_rec = pending.get()
     rec.errors += heavy_rec.errors
     rec.answers += heavy_rec.answers
@@ -152,6 +153,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--model", default=None, help="Teacher dir (default: models/arith-teacher or a tiny one).")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model-thread", action="store_true", help="Serve the model from a thread of the "
+                        "server process instead of a worker process (for comparison).")
+    parser.add_argument("--light-period", type=float, default=0.2, help="Seconds the light client waits between "
+                        "requests (0.05 makes it use about as much model time as each heavy client here).")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="The server's token budget per forward.")
     args = parser.parse_args()
     model = args.model or str(REPO / "models" / "arith-teacher")
@@ -161,10 +166,15 @@ def main() -> None:
         model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     torch.set_num_threads(args.threads)
     extra = ["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else []
+    extra += ["--model-thread"] if args.model_thread else []
     with LocalTeacher(model, *extra, threads=args.threads) as teacher:
         vocab = asyncio.run(_vocab(teacher.url))
-        alone = phase(teacher.url, vocab, 0, min(20.0, args.seconds))
-        loaded = phase(teacher.url, vocab, args.clients, args.seconds)
+        alone = phase(teacher.url, vocab, 0, args.seconds, args.light_period)
+        before, t0 = model_seconds(teacher.url), time.monotonic()
+        loaded = phase(teacher.url, vocab, args.clients, args.seconds, args.light_period)
+        used, elapsed = model_seconds(teacher.url), time.monotonic() - t0
+    share = {c: (used[c] - before.get(c, 0.0)) / elapsed for c in used}
+    heavy_share = [v for c, v in share.items() if c.startswith("heavy")]
     bad, worst = check_exact(model, alone.answers + loaded.answers)
     print(f"model {model}; {args.clients} heavy clients for {args.seconds:.0f} s; server threads {args.threads}; "
           f"max batch tokens {args.max_batch_tokens or 'default'}")
@@ -178,6 +188,9 @@ def main() -> None:
 
     ratio, server_ratio = p99_ratio(""), p99_ratio("_server")
     errors = alone.errors + loaded.errors
+    if heavy_share:  # (servers before the per-client metric lack it)
+        print(f"model time used under load: light client {share.get('light', 0):.1%}, each heavy client "
+              f"{min(heavy_share):.1%}-{max(heavy_share):.1%}, in all {sum(share.values()):.0%}")
     print(f"errors: {len(errors)} {errors[:3]}")
     print(f"exactness: {len(alone.answers) + len(loaded.answers)} answers checked, {bad} top-k mismatches, "
           f"max |Δ logprob| {worst:.2e}")
@@ -186,6 +199,14 @@ def main() -> None:
     print(f"same, server side (queue + model, Server-Timing): {server_ratio:.2f}x "
           f"{'PASS' if server_ratio <= 2 else 'MISS'}")
     print(f"median light latency alone {1e3 * statistics.median(alone.latency['light_alone']):.1f} ms")
+
+
+def model_seconds(url: str) -> dict[str, float]:
+    """Model seconds used so far by each client, from the server's metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    return {sample.labels["client"]: sample.value for family in text_string_to_metric_families(text)
+            if family.name == "trb_teacher_model_seconds" for sample in family.samples
+            if sample.name.endswith("_total")}
 
 
 async def _vocab(url: str) -> int:

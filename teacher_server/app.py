@@ -41,7 +41,8 @@ class Server:
 
     def __init__(self, cfg: ServerSettings, backend: Backend) -> None:
         self.cfg, self.backend, self.metrics = cfg, backend, Metrics()
-        self.scheduler = FairScheduler(backend, cfg.max_queue, cfg.batch_tokens)
+        self.scheduler = FairScheduler(backend, cfg.max_queue, cfg.batch_tokens,
+                                       on_charge=lambda c, s: self.metrics.model_seconds.labels(c).inc(s))
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions, cfg.max_session_bytes)
 
     def model_info(self) -> ModelInfo:

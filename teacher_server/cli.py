@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-full-values", type=int, default=None)
     serve.add_argument("--session-ttl", type=float, default=None, dest="session_ttl_s")
     serve.add_argument("--max-batch-tokens", type=int, default=None,
-                       help="Tokens per forward (default 256 on a CPU, 1024 elsewhere): larger batches "
+                       help="Tokens per forward (default 128 on a CPU, 1024 elsewhere): larger batches "
                        "on a GPU, shorter waits on a CPU.")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
     serve.add_argument("--model-thread", action="store_false", default=None, dest="model_process",

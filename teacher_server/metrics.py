@@ -26,6 +26,8 @@ class Metrics:
                               ["route", "client", "code"], registry=r)
         self.tokens_scored = Counter("trb_teacher_tokens_scored", "Tokens run through the model.",
                                      ["client"], registry=r)
+        self.model_seconds = Counter("trb_teacher_model_seconds", "Model time used, by client: the currency "
+                                     "of the scheduler's fair shares.", ["client"], registry=r)
         self.latency = Histogram("trb_teacher_request_seconds", "Request latency by route.", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("trb_teacher_queue_depth", "Jobs waiting for the model.", registry=r)

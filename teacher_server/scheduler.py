@@ -2,13 +2,15 @@
 
 Why a scheduler: a shared teacher serves many experiments at once. FIFO would let one client with
 a deep queue starve everyone else, and plain round-robin still makes a light client wait behind
-one request of every heavy client. So each client has its own queue and a *virtual time*: the
-model seconds it has used. The worker always serves the queued client with the least virtual
-time (start-time fair queuing). A client returning from idle starts at the current minimum, so it
-cannot bank credit, but a light client is served as soon as the running job ends. Trainer-like
-clients come back from idle all the time, so ties at that minimum are the rule: they go to the
-client served longest ago (without that, a light client lost most ties and waited behind two or
-three heavy jobs; the light client's p99 under load fell from 3.5x to 1.7x its p99 alone).
+one request of every heavy client. So each client has its own queue, and the model always serves
+the queued client that has used the least model time *lately* (each second of use counts half as
+much one half-life later): least attained service with forgetting. Clients that ask for the same
+time are served in turn; a client that uses less than the others is served as soon as the running
+job ends; and one back from idle is served first only until its recent use catches up with the
+others', so it can bank no more credit than a half-life's worth. Ties go to the client served
+longest ago. (We first used start-time fair queuing, which clamps a returning client to the least
+virtual time in the queue: trainer-like clients return from idle after every request, so everyone
+sat at that minimum and a light client lost most ties to heavy ones.)
 
 Score requests that arrive together are batched into one backend call (up to a token budget);
 session steps run alone because each owns its KV cache. A request joins a batch only if it is no
@@ -39,6 +41,9 @@ from teacher_server.backends.base import Backend
 TIMING: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("timing", default=None)
 
 
+USAGE_HALF_LIFE_S = 1.0  # how fast past use is forgiven: the span over which shares are equalised
+
+
 class Overloaded(RuntimeError):
     """The queue is full; the client should retry later."""
 
@@ -56,12 +61,14 @@ class _Job:
 
 
 class FairScheduler:
-    def __init__(self, backend: Backend, max_queue: int, max_batch_tokens: int) -> None:
+    def __init__(self, backend: Backend, max_queue: int, max_batch_tokens: int,
+                 on_charge: Callable[[str, float], None] | None = None) -> None:
         self.backend = backend
+        self.on_charge = on_charge  # told each client's model seconds (the metrics)
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self._queues: dict[str, deque[_Job]] = {}
-        self._vtime: dict[str, float] = {}  # model seconds used, per client (see module doc)
+        self._usage: dict[str, tuple[float, float]] = {}  # client -> (recent model seconds, as of when)
         self._served: dict[str, int] = {}  # number of the batch that last served each client (tie-break)
         self._batches = 0
         self._depth = 0
@@ -98,11 +105,7 @@ class FairScheduler:
         """Queue one request's jobs (its chunks, in order) and wait for all of them."""
         if self._depth >= self.max_queue:
             raise Overloaded(f"the teacher queue is full ({self.max_queue} requests waiting)")
-        client = jobs[0].client
-        if client not in self._queues:  # back from idle: no credit for the time away
-            self._vtime[client] = max(self._vtime.get(client, 0.0), self._floor())
-            self._queues[client] = deque()
-        self._queues[client].extend(jobs)
+        self._queues.setdefault(jobs[0].client, deque()).extend(jobs)
         self._depth += len(jobs)
         self._wakeup.set()
         try:
@@ -110,14 +113,15 @@ class FairScheduler:
         finally:
             _report(jobs)
 
-    def _floor(self) -> float:
-        """The least virtual time among queued clients (the system's virtual clock)."""
-        return min((self._vtime[c] for c in self._queues), default=min(self._vtime.values(), default=0.0))
+    def _recent(self, client: str, now: float) -> float:
+        """Model seconds `client` used lately, each second's weight halving every USAGE_HALF_LIFE_S."""
+        used, when = self._usage.get(client, (0.0, now))
+        return used * 0.5 ** ((now - when) / USAGE_HALF_LIFE_S)
 
     def _order(self) -> list[str]:
-        """Least virtual time first; among equals (every client back from idle starts at the floor),
-        the one served longest ago, so that a client that comes rarely is not last of every tie."""
-        return sorted(self._queues, key=lambda c: (self._vtime[c], self._served.get(c, 0)))
+        """Least recent use first; among equals, the client served longest ago."""
+        now = time.monotonic()
+        return sorted(self._queues, key=lambda c: (self._recent(c, now), self._served.get(c, 0)))
 
     def _pop_from(self, client: str) -> _Job | None:
         queue = self._queues[client]
@@ -153,16 +157,16 @@ class FairScheduler:
         return batch
 
     def _charge(self, batch: list[_Job], seconds: float) -> None:
-        """Bill each client its share of the model time, by tokens."""
-        total = sum(j.tokens for j in batch) or 1
+        """Bill each client its share of the model time, by tokens; forget clients long idle."""
+        now, total = time.monotonic(), sum(j.tokens for j in batch) or 1
         for job in batch:
-            self._vtime[job.client] = self._vtime.get(job.client, 0.0) + seconds * job.tokens / total
-        idle = [c for c in self._vtime if c not in self._queues and c not in {j.client for j in batch}]
-        floor = self._floor()
-        for client in idle:  # forget idle clients at or below the floor: they would restart there anyway
-            if self._vtime[client] <= floor:
-                del self._vtime[client]
-                self._served.pop(client, None)
+            share = seconds * job.tokens / total
+            self._usage[job.client] = (self._recent(job.client, now) + share, now)
+            if self.on_charge is not None:
+                self.on_charge(job.client, share)
+        for client in [c for c in self._usage if c not in self._queues and self._recent(c, now) < 1e-6]:
+            del self._usage[client]
+            self._served.pop(client, None)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from shared.protocol import ScoreRequest
 from teacher_server.backends.hf import HFBackend
-from teacher_server.scheduler import FairScheduler, Overloaded, split_request
+from teacher_server.scheduler import USAGE_HALF_LIFE_S, FairScheduler, Overloaded, split_request
 
 
 class CountingBackend(HFBackend):
@@ -143,12 +144,39 @@ async def test_a_request_rides_along_only_with_a_larger_one(backend: CountingBac
         assert backend.calls == expected, (first, backend.calls)
 
 
-def test_ties_go_to_the_client_served_longest_ago() -> None:
+def test_least_recent_use_goes_first_and_ties_to_the_client_served_longest_ago() -> None:
     scheduler = FairScheduler(backend=None, max_queue=10, max_batch_tokens=10)  # type: ignore[arg-type]
+    now = time.monotonic()
     scheduler._queues = {c: deque([None]) for c in ("heavy-0", "heavy-1", "light")}  # type: ignore[list-item]
-    scheduler._vtime = {"heavy-0": 2.0, "heavy-1": 2.0, "light": 2.0}  # all back from idle, at the floor
+    scheduler._usage = {"heavy-0": (0.2, now), "heavy-1": (0.2, now), "light": (0.2, now)}
     scheduler._served = {"heavy-0": 41, "heavy-1": 42, "light": 30}
     assert scheduler._order() == ["light", "heavy-0", "heavy-1"]
-    scheduler._vtime["light"] = 2.5  # virtual time still comes first
+    scheduler._usage["light"] = (0.25, now)  # recent use comes first
     assert scheduler._order() == ["heavy-0", "heavy-1", "light"]
+    scheduler._usage["light"] = (0.5, now - 2 * USAGE_HALF_LIFE_S)  # more use, but longer ago: 0.125 now
+    assert scheduler._order()[0] == "light"
     scheduler._executor.shutdown()
+
+
+async def test_a_client_under_its_share_is_served_next(backend: CountingBackend) -> None:
+    """Two clients keep the model busy; a third asks for less and never waits behind a queued job."""
+    scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=3)
+    scheduler.start()
+    jumped: list[int] = []
+    stop = asyncio.Event()
+
+    async def busy(client: str) -> None:
+        while not stop.is_set():
+            await scheduler.score(client, ScoreRequest(sequences=[[1, 2, 3]], top_k=2))
+
+    async def light() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            picked_before = scheduler._batches  # batches picked so far, the running one included
+            await scheduler.score("light", ScoreRequest(sequences=[[1, 2, 3]], top_k=2))
+            jumped.append(scheduler._served["light"] - picked_before - 1)  # picked ahead of this one
+        stop.set()
+
+    await asyncio.gather(busy("heavy-0"), busy("heavy-1"), light())
+    await scheduler.stop()
+    assert jumped == [0] * 10, jumped
