@@ -50,13 +50,19 @@ class RemoteSession(SessionState):
         self.owner, self.sid, self.generation = owner, sid, generation
         self.lengths = lengths
         self._nbytes = nbytes
+        self.closed = False
 
     @property
     def nbytes(self) -> int:
         return self._nbytes
 
     def close(self) -> None:
-        self.owner.drop(self)
+        if not self.closed:
+            self.closed = True
+            self.owner.drop(self)
+
+    def __del__(self) -> None:  # a handle lost without close (e.g. refused by the session cap) frees it too
+        self.close()
 
 
 class ProcessBackend(Backend):

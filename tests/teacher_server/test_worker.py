@@ -20,7 +20,7 @@ from student_trainer.teacher_client import TeacherClient
 from teacher_server.backends.factory import load_backend
 from teacher_server.backends.hf import HFBackend
 from teacher_server.settings import ServerSettings
-from teacher_server.worker import ProcessBackend, SessionLost, WorkerDied
+from teacher_server.worker import ProcessBackend, RemoteSession, SessionLost, WorkerDied
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,16 @@ def test_closed_sessions_are_freed_in_the_worker(remote: ProcessBackend) -> None
     remote.score([ScoreRequest(sequences=[[1, 2]])])
     with pytest.raises(SessionLost):
         remote.extend_session(state, [0], [[4]], top_k=3)
+
+
+def test_a_dropped_handle_frees_its_session(remote: ProcessBackend) -> None:
+    state, _ = remote.open_session([[1, 5, 9]], top_k=3)
+    sid = state.sid
+    del state  # e.g. a session refused by the memory cap, never stored
+    remote.score([ScoreRequest(sequences=[[1, 2]])])
+    ghost = RemoteSession(remote, sid, remote.generation, [3], 0)
+    with pytest.raises(SessionLost):
+        remote.extend_session(ghost, [0], [[4]], top_k=3)
 
 
 def test_a_killed_worker_is_replaced_and_its_sessions_read_as_lost(remote: ProcessBackend) -> None:
