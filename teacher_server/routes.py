@@ -84,8 +84,7 @@ async def create_session(request: Request) -> Response:
     limits.check_session_create(req, server.backend.info, server.cfg)
     client = client_of(request)
     tokens = sum(len(s) for s in req.sequences)
-    state, step = await run_queued(server, server.scheduler.call(
-        client, lambda: server.backend.open_session(req.sequences, req.top_k), tokens))
+    state, step = await run_queued(server, server.scheduler.open_session(client, req.sequences, req.top_k))
     server.metrics.tokens_scored.labels(client).inc(tokens)
     if state.nbytes > server.cfg.max_session_bytes:
         raise ApiError(413, ErrorCode.TOO_LARGE, f"sequences: the session needs {state.nbytes} bytes, over the "

@@ -33,8 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from shared.protocol import ScoreRequest, SequenceScores
-from teacher_server.backends.base import Backend
+from teacher_server.backends.base import Backend, SessionState, StepArrays
 
 # (seconds queued, seconds on the model) of the request handled in this task, for `Server-Timing`:
 # a client can tell the teacher's queueing from its own and the network's share of a latency.
@@ -95,6 +97,34 @@ class FairScheduler:
         jobs = [_Job(client=client, tokens=sum(len(s) for s in part.sequences), request=part)
                 for part in split_request(request, self.max_batch_tokens)]
         return [seq for part in await self._run_jobs(jobs) for seq in part]
+
+    async def open_session(self, client: str, sequences: list[list[int]],
+                           top_k: int) -> tuple[SessionState, StepArrays]:
+        """Prefill a session in forwards of at most the token budget, each in the client's turn.
+
+        Why: one long prefill would hold the model as long as an unchunked score request (chunked
+        prefill). The first forward takes every row's first `width` tokens, the next ones extend the
+        rows that are longer; each row's answer is the step where its prompt ended.
+        """
+        backend, tokens = self.backend, sum(len(s) for s in sequences)
+        if tokens <= self.max_batch_tokens or not backend.info.kv_sessions:
+            return await self.call(client, lambda: backend.open_session(sequences, top_k), tokens)
+        width = max(1, self.max_batch_tokens // len(sequences))
+        head = [s[:width] for s in sequences]
+        state, step = await self.call(client, lambda: backend.open_session(head, top_k), sum(map(len, head)))
+        rows_done = [r for r, s in enumerate(sequences) if len(s) <= width]
+        answer = StepArrays(top_ids=np.empty_like(step.top_ids), top_logprobs=np.empty_like(step.top_logprobs),
+                            tail_logprob=np.empty_like(step.tail_logprob))
+        _fill(answer, rows_done, step, rows_done)
+        for offset in range(width, max(map(len, sequences)), width):
+            rows = [r for r, s in enumerate(sequences) if len(s) > offset]
+            part = [sequences[r][offset : offset + width] for r in rows]
+            step = await self.call(
+                client, lambda rows=rows, part=part: backend.extend_session(state, rows, part, top_k),
+                sum(map(len, part)))
+            ended = [i for i, r in enumerate(rows) if len(sequences[r]) <= offset + width]
+            _fill(answer, [rows[i] for i in ended], step, ended)
+        return state, answer
 
     async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1) -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""
@@ -204,6 +234,13 @@ class FairScheduler:
                         job.future.set_exception(exc)
             finally:
                 self.busy = False
+
+
+def _fill(answer: StepArrays, rows: list[int], step: StepArrays, picks: list[int]) -> None:
+    """Copy `step`'s answers at `picks` into `answer`'s `rows`."""
+    answer.top_ids[rows] = step.top_ids[picks]
+    answer.top_logprobs[rows] = step.top_logprobs[picks]
+    answer.tail_logprob[rows] = step.tail_logprob[picks]
 
 
 def _report(jobs: list[_Job]) -> None:

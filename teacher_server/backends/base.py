@@ -25,6 +25,7 @@ class BackendInfo:
     dtype: str
     device: str
     supports_full: bool = True  # False: the backend has top-k only, so `full` requests get a 4xx
+    kv_sessions: bool = True  # sessions keep a KV cache, so a long prefill can run as several extends
 
 
 @dataclass

@@ -267,7 +267,8 @@ class SGLangBackend(Backend):
         self.info = BackendInfo(
             name=name or model, backend="sglang", vocab_size=int(vocab),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_context=int(min(max_context or limit, limit)),
-            dtype=self.transport.dtype, device=f"sglang {url}" if url else "sglang engine", supports_full=False)
+            dtype=self.transport.dtype, device=f"sglang {url}" if url else "sglang engine", supports_full=False,
+            kv_sessions=False)  # each extend re-sends the prefix; SGLang chunks its own prefills
 
     def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
         """Sequences of requests that share top_k and token_ids go out in one batched /generate call."""

@@ -21,7 +21,7 @@ def test_growing_cache_equals_default_cache_and_full_forward(tiny_model):
         rows, toks = ([0, 2], [[5], [6, 7]]) if t % 2 else ([1], [[8]])
         a, b = grown.extend(rows, toks), default.extend(rows, toks)
         worst = max(worst, (a - b).abs().max().item())
-        for r, tk in zip(rows, toks):
+        for r, tk in zip(rows, toks, strict=True):
             rows_seen[r] += tk
     assert worst == 0.0
     with torch.inference_mode():

@@ -93,7 +93,8 @@ def test_vocab_mismatch_raises():
 
 
 finite_or_extreme = st.floats(-1e4, 1e4, allow_nan=False) | st.sampled_from([-1e30, -math.inf, 0.0, 80.0])
-rows = st.lists(st.lists(finite_or_extreme, min_size=6, max_size=6).filter(lambda r: max(r) > -1e30), min_size=4, max_size=4)
+rows = st.lists(st.lists(finite_or_extreme, min_size=6, max_size=6).filter(lambda r: max(r) > -1e30),
+                min_size=4, max_size=4)
 
 
 def _as_batch(rows_):

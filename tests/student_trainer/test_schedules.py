@@ -33,7 +33,7 @@ def test_zero_horizon_means_no_warmup():
 def test_linear_and_cosine_are_nonincreasing():
     for name in ("linear", "cosine"):
         values = [budget(name, k, 0.1, 37) for k in range(50)]
-        assert all(a >= b for a, b in zip(values, values[1:]))
+        assert all(a >= b for a, b in zip(values, values[1:], strict=False))
 
 
 def test_dispatcher():

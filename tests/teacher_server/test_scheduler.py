@@ -8,6 +8,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.protocol import ScoreRequest
@@ -180,3 +181,22 @@ async def test_a_client_under_its_share_is_served_next(backend: CountingBackend)
     await asyncio.gather(busy("heavy-0"), busy("heavy-1"), light())
     await scheduler.stop()
     assert jumped == [0] * 10, jumped
+
+
+async def test_long_prefill_runs_in_budget_sized_forwards_with_the_same_answers(backend: CountingBackend) -> None:
+    prompts = [[1, *range(4, 6)], [1, *range(4, 12)], [1, *range(5, 18)]]  # 3, 9 and 14 tokens
+    answers = {}
+    for budget in (10_000, 8):  # one forward; then 2 tokens per row per forward
+        scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=budget)
+        scheduler.start()
+        state, first = await scheduler.open_session("c", prompts, top_k=5)
+        step = await scheduler.call("c", lambda state=state: backend.extend_session(state, [0, 2], [[7], [8, 9]], 5))
+        await scheduler.stop()
+        answers[budget] = (first, step, list(state.lengths), scheduler._batches)
+    (whole, whole_step, whole_len, one), (chunked, chunked_step, chunked_len, many) = answers.values()
+    assert one == 2 and many == 8  # 1 prefill + 1 extend; 7 prefill forwards (ceil(14 / 2)) + 1 extend
+    assert whole_len == chunked_len == [4, 9, 16]
+    for a, b in ((whole, chunked), (whole_step, chunked_step)):
+        assert np.array_equal(a.top_ids, b.top_ids)
+        np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.tail_logprob, b.tail_logprob, atol=1e-5)
