@@ -45,7 +45,9 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", summary="Readiness: the model is loaded.", responses={503: ERRORS[503]})
 async def ready(request: Request) -> dict[str, str]:
-    get_server(request)
+    if not get_server(request).backend.ready:
+        raise ApiError(503, ErrorCode.NOT_READY, "the model process is down and being restarted",
+                       headers={"Retry-After": "5"})
     return {"status": "ready"}
 
 

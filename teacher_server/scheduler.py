@@ -13,9 +13,9 @@ virtual time in the queue: trainer-like clients return from idle after every req
 sat at that minimum and a light client lost most ties to heavy ones.)
 
 Score requests that arrive together are batched into one backend call (up to a token budget);
-session steps run alone because each owns its KV cache. A request joins a batch only if it is no
-larger than the batch's first (least served) request: a small request may ride along with a big
-one, never the reverse, or the light client would pay for the heavy one's tokens. The same budget
+session steps run alone because each owns its KV cache. A request joins a batch only if it is at
+most twice the size of the batch's first (least served) request: a small request may ride along
+with a big one, not the reverse, or the light client would pay for the heavy one's tokens. The same budget
 bounds how long the model is held at once: a score request larger than the budget is split by
 sequences into chunks that queue one after another, so a light client waits for at most one
 chunk, never a whole heavy request (what chunked prefill does for the same reason in serving
@@ -176,7 +176,7 @@ class FairScheduler:
             grew = False
             for client in self._order():
                 head = self._queues[client][0]
-                if (head.request is None or head.tokens > first.tokens
+                if (head.request is None or head.tokens > 2 * first.tokens
                         or tokens + head.tokens > self.max_batch_tokens):
                     continue
                 job = self._pop_from(client)

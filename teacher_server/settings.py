@@ -28,7 +28,7 @@ class ServerSettings(BaseSettings):
     max_queue: int = 256
     max_batch_tokens: int | None = Field(None, ge=1, description="Tokens per forward: requests are batched up to "
                                          "it and larger ones split by sequences, so no client holds the model "
-                                         "for longer. Default: 128 on a CPU, 1024 elsewhere.")
+                                         "for longer. Default: 128 for the hf backend on a CPU, 1024 otherwise.")
     session_ttl_s: float = 600.0
     max_sessions: int = 256
     max_session_bytes: int = 2 << 30
@@ -43,7 +43,8 @@ class ServerSettings(BaseSettings):
     def batch_tokens(self) -> int:
         """The token budget per forward. Why smaller on a CPU: there a forward costs in proportion to its
         tokens, so a bigger batch buys no throughput and only makes the next client wait longer."""
-        return self.max_batch_tokens or (128 if self.device == "cpu" else 1024)
+        on_cpu = self.backend == "hf" and self.device == "cpu"  # (SGLang runs on a GPU whatever `device` says)
+        return self.max_batch_tokens or (128 if on_cpu else 1024)
 
     @model_validator(mode="after")
     def _sglang_target(self) -> ServerSettings:

@@ -24,6 +24,7 @@ import multiprocessing
 import pickle
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -33,6 +34,7 @@ from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, SessionState, StepArrays
 
 log = logging.getLogger("teacher_server.worker")
+RESTART_PAUSE_S = 10.0  # after a failed restart, requests get 503 for this long before the next try
 
 
 class WorkerDied(RuntimeError):
@@ -76,6 +78,8 @@ class ProcessBackend(Backend):
         self._ids = itertools.count()
         self.generation = 0
         self.restarts = 0
+        self._conn: Connection | None = None
+        self._retry_at, self._error = 0.0, ""
         self._start()
 
     def _start(self) -> None:
@@ -86,9 +90,11 @@ class ProcessBackend(Backend):
         try:
             kind, payload = conn.recv()
         except EOFError:
+            conn.close()
             proc.join(timeout=5)
             raise RuntimeError(f"the model process exited with code {proc.exitcode} while loading") from None
         if kind == "error":
+            conn.close()
             proc.join(timeout=5)
             raise payload
         self.info = payload
@@ -98,22 +104,49 @@ class ProcessBackend(Backend):
 
     def _call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            if self._conn is None:  # the last restart failed: try again (after a pause), or answer 503
+                self._restart()
             drops = [self._drops.popleft() for _ in range(len(self._drops))]
             try:
                 self._conn.send((op, args, drops))
                 kind, payload = self._conn.recv()
             except (EOFError, OSError) as exc:
-                self._proc.join(timeout=5)
-                code = self._proc.exitcode
+                code = self._reap()
                 log.error("the model process died (exit code %s) during %s; starting a new one", code, op)
-                self._conn.close()
                 self.restarts += 1
-                self._start()
+                self._restart()
                 raise WorkerDied(f"the model process died (exit code {code}); a new one is serving, "
                                  "open sessions were lost") from exc
         if kind == "error":
             raise payload
         return payload
+
+    def _reap(self) -> int | None:
+        """Close the pipe and make sure the old process is gone (killed if it lingers); its exit code."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        return self._proc.exitcode
+
+    def _restart(self) -> None:
+        """Start a new worker, or raise `WorkerDied` (503) if that fails or failed moments ago."""
+        if time.monotonic() < self._retry_at:
+            raise WorkerDied(f"the model process is down ({self._error}); the server retries its start")
+        try:
+            self._start()
+        except Exception as exc:
+            self._error = f"{type(exc).__name__}: {exc}"
+            self._retry_at = time.monotonic() + RESTART_PAUSE_S
+            log.error("the model process could not be restarted: %s", self._error)
+            raise WorkerDied(f"the model process died and could not be restarted: {self._error}") from exc
+
+    @property
+    def ready(self) -> bool:
+        return self._conn is not None
 
     def drop(self, session: RemoteSession) -> None:
         if session.generation == self.generation:
@@ -121,7 +154,7 @@ class ProcessBackend(Backend):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid
+        return self._proc.pid if self._conn is not None else None
 
     def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
         return self._call("score", requests)
@@ -140,8 +173,10 @@ class ProcessBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()  # the worker reads EOF and exits
-            self._proc.join(timeout=30)
+            if self._conn is not None:
+                self._conn.close()  # the worker reads EOF and exits
+                self._conn = None
+                self._proc.join(timeout=30)
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join()

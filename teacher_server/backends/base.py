@@ -72,6 +72,11 @@ class Backend(ABC):
     ) -> StepArrays:
         """Append tokens to the listed rows and return their next-token top-k."""
 
+    @property
+    def ready(self) -> bool:
+        """False while the backend cannot serve (a model process being restarted): /ready answers 503."""
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources at shutdown."""
 

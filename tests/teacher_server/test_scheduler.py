@@ -200,3 +200,12 @@ async def test_long_prefill_runs_in_budget_sized_forwards_with_the_same_answers(
         assert np.array_equal(a.top_ids, b.top_ids)
         np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-5)
         np.testing.assert_allclose(a.tail_logprob, b.tail_logprob, atol=1e-5)
+
+
+def test_token_budget_defaults_to_small_forwards_only_for_a_cpu_model() -> None:
+    from teacher_server.settings import ServerSettings
+
+    assert ServerSettings(model="m").batch_tokens == 128
+    assert ServerSettings(model="m", device="cuda").batch_tokens == 1024
+    assert ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:1").batch_tokens == 1024
+    assert ServerSettings(model="m", max_batch_tokens=300).batch_tokens == 300

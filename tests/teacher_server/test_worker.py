@@ -17,6 +17,7 @@ import pytest
 from conftest import ServerProcess
 from shared.protocol import ScoreRequest
 from student_trainer.teacher_client import TeacherClient
+from teacher_server.backends.base import Backend
 from teacher_server.backends.factory import load_backend
 from teacher_server.backends.hf import HFBackend
 from teacher_server.settings import ServerSettings
@@ -77,6 +78,33 @@ def test_a_killed_worker_is_replaced_and_its_sessions_read_as_lost(remote: Proce
     assert remote.score([ScoreRequest(sequences=[[1, 2]])])[0][0].top_ids.shape == (2, 20)
     with pytest.raises(SessionLost):
         remote.extend_session(state, [0], [[4]], top_k=3)
+
+
+def _load_unless(marker: Path, cfg: ServerSettings) -> Backend:
+    if marker.exists():
+        raise OSError(f"cannot load: {marker} says so")
+    return load_backend(cfg)
+
+
+def test_a_failed_restart_answers_503_until_a_later_start_works(tiny_model: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "broken"
+    backend = ProcessBackend(functools.partial(_load_unless, marker, ServerSettings(model=str(tiny_model))))
+    try:
+        os.kill(backend.pid, signal.SIGKILL)
+        marker.touch()
+        with pytest.raises(WorkerDied, match="could not be restarted"):
+            backend.score([ScoreRequest(sequences=[[1, 2]])])
+        assert not backend.ready and backend.pid is None
+        started = time.monotonic()
+        with pytest.raises(WorkerDied, match="is down"):  # no reload attempt during the pause
+            backend.score([ScoreRequest(sequences=[[1, 2]])])
+        assert time.monotonic() - started < 0.5
+        marker.unlink()
+        backend._retry_at = 0.0  # the pause is over
+        assert backend.score([ScoreRequest(sequences=[[1, 2]])])[0][0].top_ids.shape == (2, 20)
+        assert backend.ready
+    finally:
+        backend.close()
 
 
 def test_a_model_that_fails_to_load_fails_the_start(tmp_path: Path) -> None:
