@@ -15,11 +15,11 @@ sat at that minimum and a light client lost most ties to heavy ones.)
 Score requests that arrive together are batched into one backend call (up to a token budget);
 session steps run alone because each owns its KV cache. A request joins a batch only if it is at
 most twice the size of the batch's first (least served) request: a small request may ride along
-with a big one, not the reverse, or the light client would pay for the heavy one's tokens. The same budget
-bounds how long the model is held at once: a score request larger than the budget is split by
-sequences into chunks that queue one after another, so a light client waits for at most one
-chunk, never a whole heavy request (what chunked prefill does for the same reason in serving
-engines).
+with a big one, not the reverse, or the light client would pay for the heavy one's tokens. The
+same budget bounds how long the model is held at once: a score request larger than the budget is
+split by sequences into chunks that queue one after another, and a long session prefill runs as
+several forwards (`open_session`), so a light client waits for at most one chunk, never a whole
+heavy request (chunked prefill, as serving engines do for the same reason).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, SessionState, StepArrays
@@ -112,10 +110,8 @@ class FairScheduler:
         width = max(1, self.max_batch_tokens // len(sequences))
         head = [s[:width] for s in sequences]
         state, step = await self.call(client, lambda: backend.open_session(head, top_k), sum(map(len, head)))
-        rows_done = [r for r, s in enumerate(sequences) if len(s) <= width]
-        answer = StepArrays(top_ids=np.empty_like(step.top_ids), top_logprobs=np.empty_like(step.top_logprobs),
-                            tail_logprob=np.empty_like(step.tail_logprob))
-        _fill(answer, rows_done, step, rows_done)
+        # rows whose prompt ended in the first forward keep its answer; later forwards overwrite the rest
+        answer = StepArrays(step.top_ids.copy(), step.top_logprobs.copy(), step.tail_logprob.copy())
         for offset in range(width, max(map(len, sequences)), width):
             rows = [r for r, s in enumerate(sequences) if len(s) > offset]
             part = [sequences[r][offset : offset + width] for r in rows]
