@@ -8,6 +8,7 @@ follows `latest`, so it only ever sees complete folders.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -46,13 +47,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save(root: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `root/step_{step}` atomically, point `latest` at it, prune old ones; returns the folder."""
+def save(root: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[str, Any], keep: int = 2,
+         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `root/step_{step}` atomically, point `latest` at it, prune old ones; returns the folder.
+
+    `state_dict` replaces the model's own weights (FSDP's gathered float32 masters written through a
+    bf16 copy); the config then records their dtype, so `from_pretrained` loads them as saved.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    if state_dict is not None:
+        _record_dtype(tmp / "config.json", next(iter(state_dict.values())).dtype)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / STATE_FILE)
     for f in tmp.iterdir():
@@ -65,6 +73,14 @@ def save(root: Path, step: int, model: Any, tokenizer: Any, trainer_state: dict[
     _write_atomic(root / "latest", final.name + "\n")
     _prune(root, keep)
     return final
+
+
+def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    config = json.loads(config_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _prune(root: Path, keep: int) -> None:

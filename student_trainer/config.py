@@ -102,6 +102,14 @@ class TrainCfg(_Section):
     threads: int | None = Field(None, description="torch threads of the trainer.")
     progress: bool = True
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite steps before the run stops.")
+    rollout_batch_size: int | None = Field(None, ge=1, description="Rows one decode loop rolls out (one teacher "
+                                           "session); None: the rank's whole slice. A multiple of the backward "
+                                           "micro-batch (batch_size / world / accum_steps).")
+    precision: Literal["fp32", "bf16-mixed"] = Field("fp32", description="bf16-mixed: bf16 forward/backward and "
+                                                     "rollouts, float32 master weights and AdamW states "
+                                                     "(needs student.dtype=float32).")
+    loss_chunk_tokens: int | None = Field(None, ge=0, description="Tokens per lm_head + loss chunk (recomputed in "
+                                          "the backward); None: ~2^25 logits a chunk; 0: full logits at once.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP replicates the student, "
                                              "FSDP2 shards it (GPU-sized students); unused in one process.")
 
@@ -121,6 +129,9 @@ class Config(_Section):
         if self.train.batch_size % self.optim.accum_steps:
             raise ValueError(f"optim.accum_steps: {self.optim.accum_steps} does not divide "
                              f"train.batch_size={self.train.batch_size}")
+        if self.train.precision == "bf16-mixed" and self.student.dtype != "float32":
+            raise ValueError("train.precision: bf16-mixed keeps float32 master weights; set student.dtype=float32 "
+                             "(student.dtype=bfloat16 with precision=fp32 trains in pure bf16)")
         if self.method.name == "skd" and self.method.skd_top_k > self.teacher.top_k:
             raise ValueError(f"method.skd_top_k: {self.method.skd_top_k} exceeds teacher.top_k={self.teacher.top_k}")
         return self

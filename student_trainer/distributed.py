@@ -10,14 +10,14 @@ Without torchrun (no WORLD_SIZE in the environment) nothing here touches torch.d
 
 FSDP2 shards parameters, gradients and optimizer state. Decoding token by token with a sharded
 model would make every rank run the same number of forwards in lockstep (each one all-gathers),
-so rollouts, eval and checkpoints use a plain full copy instead (`wrap`'s second module), refreshed
-after every optimizer step: one extra set of weights per rank, no gradients, no optimizer state.
+so rollouts, eval and checkpoints use a plain full copy instead (student_model.make_policy),
+refreshed after every optimizer step: one extra set of weights per rank, no gradients, no
+optimizer state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,23 +69,31 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist, mode: Mode) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(module to train, plain module for rollouts / eval / checkpoints); the same one unless FSDP."""
+def wrap(model: torch.nn.Module, d: Dist, mode: Mode, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The module to train: `model` itself in one process, else DDP-wrapped or FSDP2-sharded.
+
+    `model` is a StudentLoss (its CausalLM under `.lm`). Under FSDP, `param_dtype` (bf16-mixed)
+    becomes MixedPrecisionPolicy(param_dtype, reduce_dtype=float32); forward inputs keep their
+    dtype, so teacher log-probs are never rounded to bf16.
+    """
     if not d.launched:
-        return model, model
+        return model
     if mode == "ddp":
         ids = [d.device.index] if d.device.type == "cuda" else None
         # Buffers (rotary tables) never change, so nothing needs broadcasting at each forward.
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False), model
-    from torch.distributed.fsdp import fully_shard
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = copy.deepcopy(model).requires_grad_(False)
-    blocks = set(getattr(model, "_no_split_modules", None) or [])  # transformers' decoder layer classes
+    kwargs = {}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False)
+    blocks = set(getattr(model.lm, "_no_split_modules", None) or [])  # transformers' decoder layer classes
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
-    return model, policy
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
@@ -94,14 +102,26 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def refresh_policy(model: torch.nn.Module, policy: torch.nn.Module) -> None:
-    """Copy FSDP's sharded weights, gathered, into the plain copy (a collective: every rank calls it)."""
-    if policy is model or not _is_fsdp(model):
-        return
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The CausalLM's whole float32 state (keys as `lm.state_dict()`), gathered when FSDP shards it.
+
+    A collective under FSDP: every rank calls it.
+    """
+    if not _is_fsdp(model):
+        inner = getattr(model, "module", model)  # DDP's wrapped module
+        return inner.lm.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    policy.load_state_dict(full)
+    return {k.removeprefix("lm."): v for k, v in full.items()}
+
+
+def refresh_policy(model: torch.nn.Module, lm: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Copy the updated weights into the rollout copy in place (a collective under FSDP)."""
+    if policy is lm:
+        return
+    with torch.no_grad():
+        policy.load_state_dict(full_state_dict(model))
 
 
 @contextlib.contextmanager

@@ -43,6 +43,21 @@ class Rollout:
     diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = field(default_factory=list)  # (rows, diag)
     teacher_rebuilds: int = 0
 
+    def rows(self, start: int, stop: int) -> Rollout:
+        """Rows start..stop-1 as a batch of their own (a backward micro-batch), without the columns
+        that are padding in every one of them; targets and masks move with their columns."""
+        real_T = self.attention_mask_B_T[start:stop].bool().any(0)
+        cols = real_T.nonzero().squeeze(-1)
+        first, last = int(cols[0]), int(cols[-1]) + 1
+        targets = None
+        if self.targets is not None:
+            t = self.targets
+            tail = None if t.tail_logprob is None else t.tail_logprob[start:stop, first:last]
+            targets = TeacherTopK(t.ids[start:stop, first:last], t.logprobs[start:stop, first:last], tail)
+        return Rollout(self.tokens_B_T[start:stop, first:last], self.attention_mask_B_T[start:stop, first:last],
+                       self.loss_mask_B_T[start:stop, first:last], self.prompt_width - first,
+                       self.response_lens_B[start:stop], targets)
+
     def responses(self) -> list[list[int]]:
         p = self.prompt_width
         return [self.tokens_B_T[b, p : p + int(n)].tolist() for b, n in enumerate(self.response_lens_B)]
@@ -92,8 +107,8 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
             # The student may sit on a GPU; teacher targets and the rollout's buffers stay on the CPU.
             topk_dev = topk_A.to(logits_A_V.device) if topk_A is not None else None
             tokens_A, diag = behavior.sample(logits_A_V, topk_dev, eps, rows_of(generator, active))
-            tokens_A = tokens_A.cpu()
-            diagnostics.append((active, StepDiagnostics(*(getattr(diag, f.name).cpu() for f in fields(diag)))))
+            tokens_A = tokens_A.cpu()  # the step's one host sync: the teacher request needs the tokens
+            diagnostics.append((active, diag))
             new_tokens[active, t] = tokens_A
             lengths[active] += 1
             if topk_A is not None:
@@ -120,12 +135,22 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     attention = torch.cat([prompt_mask, response_mask.long()], dim=1)
     loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
     loss_mask[:, p - 1 : p - 1 + width] = response_mask
-    rollout = Rollout(tokens, attention, loss_mask, p, lengths, diagnostics=diagnostics,
+    rollout = Rollout(tokens, attention, loss_mask, p, lengths, diagnostics=_to_host(diagnostics),
                       teacher_rebuilds=session.rebuilds if session else 0)
     if use_teacher:
         rollout.targets = _place(target_ids[:, :width], target_lps[:, :width], target_tail[:, :width], p,
                                  tokens.shape[1])
     return rollout
+
+
+def _to_host(diagnostics: list[tuple[torch.Tensor, StepDiagnostics]]) -> list[tuple[torch.Tensor, StepDiagnostics]]:
+    """Per-step diagnostics kept on the student's device during the rollout, copied in one go."""
+    if not diagnostics:
+        return []
+    sizes = [len(rows) for rows, _ in diagnostics]
+    columns = [torch.cat([getattr(d, f.name) for _, d in diagnostics]).cpu().split(sizes)
+               for f in fields(StepDiagnostics)]
+    return [(rows, StepDiagnostics(*(c[i] for c in columns))) for i, (rows, _) in enumerate(diagnostics)]
 
 
 async def _send(request: Coroutine[Any, Any, T], overlap: bool) -> asyncio.Future[T]:

@@ -26,7 +26,6 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.kv_decode import position_ids
 from student_trainer import checkpoint, distributed
 from student_trainer.behaviors import Behavior, make_behavior
 from student_trainer.config import Config
@@ -34,11 +33,11 @@ from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
 from student_trainer.local_teacher import LocalTeacher
-from student_trainer.losses import reverse_kl_loss
 from student_trainer.rollout import Rollout, generate, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
 from student_trainer.run_log import NullLog, RunLog
 from student_trainer.schedules import budget
+from student_trainer.student_model import StudentLoss, compute_dtype, make_policy
 from student_trainer.teacher_client import TeacherClient
 
 
@@ -79,19 +78,25 @@ def lr_lambda(cfg: Config) -> Any:
 class Run:
     cfg: Config
     out: Path
-    student: torch.nn.Module
+    student: torch.nn.Module  # what the optimizer trains: StudentLoss, under DDP / FSDP when launched
     tokenizer: Any
     teacher: TeacherClient
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data: TaskData
     step: int = 0
-    policy: torch.nn.Module | None = None  # plain module for rollouts, eval, checkpoints (default: student)
+    lm: torch.nn.Module | None = None  # the master CausalLM inside `student` (default: student.lm)
+    policy: torch.nn.Module | None = None  # the CausalLM rollouts and eval use (default: lm)
     dist: Dist = field(default_factory=Dist)
 
     def __post_init__(self) -> None:
+        inner = getattr(self.student, "module", self.student)  # DDP keeps the module as .module
+        if not isinstance(inner, StudentLoss):  # a bare CausalLM (tests, benches): train it as train() would
+            self.student = inner = StudentLoss(self.student, self.cfg.train.loss_chunk_tokens)
+        if self.lm is None:
+            self.lm = inner.lm
         if self.policy is None:
-            self.policy = self.student
+            self.policy = self.lm
 
 
 async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, eps: float) -> Rollout:
@@ -108,16 +113,22 @@ async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, ep
 
 
 def _micro_loss(run: Run, rollout: Rollout, n_tokens: float) -> torch.Tensor:
-    device = run.dist.device
-    mask_B_T = rollout.attention_mask_B_T.to(device)
+    device, targets = run.dist.device, rollout.targets.to(run.dist.device)
     run.student.train()
-    logits = run.student(input_ids=rollout.tokens_B_T.to(device), attention_mask=mask_B_T,
-                         position_ids=position_ids(mask_B_T)).logits
-    return reverse_kl_loss(logits, rollout.targets.to(device), rollout.loss_mask_B_T.to(device), n_tokens)[0]
+    return run.student(rollout.tokens_B_T.to(device), rollout.attention_mask_B_T.to(device),
+                       rollout.loss_mask_B_T.to(device), targets.ids, targets.logprobs, targets.tail_logprob,
+                       n_tokens)
+
+
+def _micro_batches(rollouts: list[Rollout], micro: int) -> list[Rollout]:
+    """Each rollout cut into backward micro-batches of `micro` rows (padding columns dropped)."""
+    return [r.rows(i, i + micro) for r in rollouts for i in range(0, r.tokens_B_T.shape[0], micro)]
 
 
 async def train_step(run: Run) -> dict[str, Any]:
-    """One optimizer step over the global batch; this rank's rows go in `accum_steps` micro-batches.
+    """One optimizer step over the global batch: this rank's rows are rolled out `rollout_batch_size`
+    at a time (one decode loop and teacher session each), then backpropagated in `accum_steps`
+    micro-batches. Rows sample from their own streams, so neither split changes a token.
 
     The loss is Σ KL over every response token of the global batch / their number. DDP and FSDP
     average gradients over ranks, so each rank divides its sum by (global tokens / world): the
@@ -129,14 +140,15 @@ async def train_step(run: Run) -> dict[str, Any]:
     behavior = _behavior(cfg, name)
     rows = d.rows(cfg.train.batch_size)
     problems = run.data.train_batch(run.step, cfg.train.batch_size)[rows.start : rows.stop]
-    micro = len(rows) // cfg.optim.accum_steps
-    rollouts = [await _rollout(run, problems[i : i + micro], rows[i : i + micro], behavior, eps)
-                for i in range(0, len(rows), micro)]
+    per_rollout = cfg.train.rollout_batch_size or len(rows)
+    rollouts = [await _rollout(run, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps)
+                for i in range(0, len(rows), per_rollout)]
     (n_tokens,) = distributed.all_sum(d, sum(int(r.response_lens_B.sum()) for r in rollouts))
+    micro_batches = _micro_batches(rollouts, len(rows) // cfg.optim.accum_steps)
     run.optimizer.zero_grad(set_to_none=True)
     local_loss = 0.0
-    for i, rollout in enumerate(rollouts):
-        with distributed.grad_sync(run.student, enabled=i == len(rollouts) - 1):
+    for i, rollout in enumerate(micro_batches):
+        with distributed.grad_sync(run.student, enabled=i == len(micro_batches) - 1):
             loss = _micro_loss(run, rollout, max(n_tokens, 1.0) / d.world)
             loss.backward()
         local_loss += loss.item()
@@ -146,7 +158,7 @@ async def train_step(run: Run) -> dict[str, Any]:
     finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
     if finite:
         run.optimizer.step()
-        distributed.refresh_policy(run.student, run.policy)
+        distributed.refresh_policy(run.student, run.lm, run.policy)
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     diags = [x for part in distributed.gather(d, [x for r in rollouts for x in r.diagnostics]) for x in part]
@@ -159,13 +171,19 @@ async def train_step(run: Run) -> dict[str, Any]:
 
 
 def _save(run: Run) -> None:
-    """Rank 0 writes the checkpoint; every rank calls this (FSDP gathers the optimizer state)."""
+    """Rank 0 writes the checkpoint; every rank calls this (FSDP gathers the optimizer state).
+
+    The weights saved are the float32 masters: the unsharded `lm` when there is one, else (FSDP)
+    the gathered state, written through the plain copy's `save_pretrained`.
+    """
     optimizer = distributed.optimizer_state(run.student, run.optimizer, run.dist)
+    fsdp = run.dist.launched and run.cfg.train.parallel == "fsdp"
+    weights = distributed.full_state_dict(run.student) if fsdp and run.policy.dtype != torch.float32 else None
     if run.dist.main:
         state = {"step": run.step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
                  "rng": checkpoint.rng_state(), "config": run.cfg.public()}
-        checkpoint.save(run.out / "checkpoints", run.step, run.policy, run.tokenizer, state,
-                        run.cfg.train.keep_checkpoints)
+        checkpoint.save(run.out / "checkpoints", run.step, run.policy if fsdp else run.lm, run.tokenizer,
+                        state, run.cfg.train.keep_checkpoints, state_dict=weights)
 
 
 async def evaluate_now(run: Run, probe: Any, eval_set: list) -> dict[str, float]:
@@ -195,10 +213,21 @@ async def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         distributed.shutdown(d)
 
 
+def _check_batch_split(cfg: Config, world: int) -> None:
+    t = cfg.train
+    if t.batch_size % (world * cfg.optim.accum_steps):
+        raise TrainingError(f"train.batch_size={t.batch_size} is the global batch: it must divide by "
+                            f"world size x optim.accum_steps = {world} x {cfg.optim.accum_steps}")
+    per_rank = t.batch_size // world
+    micro = per_rank // cfg.optim.accum_steps
+    if t.rollout_batch_size and (per_rank % t.rollout_batch_size or t.rollout_batch_size % micro):
+        raise TrainingError(f"train.rollout_batch_size={t.rollout_batch_size} must divide this rank's {per_rank} rows "
+                            f"and be a multiple of the {micro}-row backward micro-batch (batch_size / world / "
+                            f"accum_steps)")
+
+
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
-    if cfg.train.batch_size % (d.world * cfg.optim.accum_steps):
-        raise TrainingError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must divide by "
-                            f"world size x optim.accum_steps = {d.world} x {cfg.optim.accum_steps}")
+    _check_batch_split(cfg, d.world)
     out = Path(cfg.train.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -221,18 +250,23 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
                                  api_key=cfg.teacher.api_key) as client:
             await client.wait_ready()
             await client.check_tokenizer(tokenizer)
-            model, policy = distributed.wrap(student, d, cfg.train.parallel)
+            fsdp = d.launched and cfg.train.parallel == "fsdp"
+            mixed = compute_dtype(cfg.train.precision)
+            policy = make_policy(student, cfg.train.precision, separate=fsdp)  # before sharding
+            loss = StudentLoss(student, cfg.train.loss_chunk_tokens, autocast_dtype=None if fsdp else mixed)
+            model = distributed.wrap(loss, d, cfg.train.parallel, param_dtype=mixed)
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                           weight_decay=cfg.optim.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
             run = Run(cfg, out, model, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer),
-                      policy=policy, dist=d)
+                      lm=student, policy=policy, dist=d)
             if ckpt:
                 state = checkpoint.load_state(ckpt)
                 distributed.load_optimizer_state(model, optimizer, state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
                 checkpoint.set_rng_state(state["rng"])
                 run.step = state["step"]
+                distributed.refresh_policy(model, student, policy)
             return await _loop(run)
     finally:
         if local is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from student_trainer.rollout import generate, score_targets
 from student_trainer.run_log import read_metrics
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.topk import TeacherTopK
-from student_trainer.train import train_sync
+from student_trainer.train import TrainingError, train_sync
 from teacher_server.backends.base import topk_with_tail
 
 K = 8
@@ -145,3 +146,64 @@ def test_api_key_comes_from_env_and_is_never_written(monkeypatch: pytest.MonkeyP
     cfg = load_config(None, ["student.path=x", "teacher.url=http://127.0.0.1:1"])
     assert cfg.teacher.api_key == "s3cret-key-123"
     assert "s3cret" not in str(cfg.public())
+
+
+def _steps(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def _weights(path: Path) -> list[torch.Tensor]:
+    return [p.detach() for p in AutoModelForCausalLM.from_pretrained(path).parameters()]
+
+
+def test_rollout_and_backward_splits_change_nothing(task_models, task_teacher, tmp_path) -> None:
+    """One decode loop for the batch, or two, with 1, 2 or 4 backward micro-batches and a chunked loss:
+    the same tokens (rows sample from their own streams), hence the same losses and weights."""
+    common = ("train.steps=2", "method.name=trb", "method.eps0=0.3", "method.horizon=4", "optim.lr=0.005")
+    splits = {"whole": ["train.rollout_batch_size=4", "optim.accum_steps=1"],
+              "halves": ["train.rollout_batch_size=2", "optim.accum_steps=2"],
+              "chunked": ["optim.accum_steps=4", "train.loss_chunk_tokens=3"]}
+    for name, extra in splits.items():
+        train_sync(_cfg(task_models, task_teacher.url, tmp_path / name, *common, *extra))
+    whole = _steps(tmp_path / "whole")
+    for name in ("halves", "chunked"):
+        for a, b in zip(whole, _steps(tmp_path / name), strict=True):
+            assert a["tokens"] == b["tokens"] and a["response_len"] == b["response_len"]
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+            assert a["teacher_logprob"] == pytest.approx(b["teacher_logprob"], abs=1e-5)
+        final = [_weights(tmp_path / n / "checkpoints" / "step_000002") for n in ("whole", name)]
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(*final, strict=True))
+
+
+def test_a_rollout_batch_that_does_not_split_fails_fast(task_models, task_teacher, tmp_path) -> None:
+    for bad in ("train.rollout_batch_size=3", "train.rollout_batch_size=1"):  # 4 rows; micro-batch of 2
+        cfg = _cfg(task_models, task_teacher.url, tmp_path / "x", bad, "optim.accum_steps=2")
+        with pytest.raises(TrainingError, match="rollout_batch_size"):
+            train_sync(cfg)
+
+
+def _changed(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
+    changed = sum(int((a.float() != b.float()).sum()) for a, b in zip(before, after, strict=True))
+    return changed / sum(a.numel() for a in before)
+
+
+def test_bf16_mixed_keeps_float32_masters_that_learn(task_models, task_teacher, tmp_path) -> None:
+    """At lr 1e-6, pure bf16 weights round the updates away; bf16-mixed changes (almost) every weight."""
+    start = _weights(task_models[1])
+    common = ("train.steps=5", "method.name=opd", "optim.lr=1e-6", "train.save_every=0")
+    train_sync(_cfg(task_models, task_teacher.url, tmp_path / "mixed", *common, "train.precision=bf16-mixed"))
+    train_sync(_cfg(task_models, task_teacher.url, tmp_path / "bf16", *common, "student.dtype=bfloat16"))
+    mixed_dir = tmp_path / "mixed" / "checkpoints" / "step_000005"
+    mixed = _weights(mixed_dir)
+    assert all(p.dtype == torch.float32 for p in mixed)
+    assert AutoModelForCausalLM.from_pretrained(mixed_dir, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert _changed(start, mixed) >= 0.99
+    pure = _weights(tmp_path / "bf16" / "checkpoints" / "step_000005")
+    assert _changed([p.to(torch.bfloat16) for p in start], pure) < 0.5
+    assert all(math.isfinite(r["loss"]) for r in _steps(tmp_path / "mixed"))
+
+
+def test_bf16_mixed_needs_float32_masters() -> None:
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config(None, ["student.path=x", "teacher.model=y", "train.precision=bf16-mixed",
+                           "student.dtype=bfloat16"])
