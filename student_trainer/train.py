@@ -226,6 +226,21 @@ def _check_batch_split(cfg: Config, world: int) -> None:
                             f"accum_steps)")
 
 
+def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: TeacherClient, out: Path,
+             d: Dist = Dist()) -> Run:
+    """A Run around a loaded float32 (or bf16) CausalLM: rollout copy, loss module, DDP / FSDP, AdamW."""
+    fsdp = d.launched and cfg.train.parallel == "fsdp"
+    mixed = compute_dtype(cfg.train.precision)
+    policy = make_policy(student, cfg.train.precision, separate=fsdp)  # before sharding
+    loss = StudentLoss(student, cfg.train.loss_chunk_tokens, autocast_dtype=None if fsdp else mixed)
+    model = distributed.wrap(loss, d, cfg.train.parallel, param_dtype=mixed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    return Run(cfg, out, model, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer),
+               lm=student, policy=policy, dist=d)
+
+
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     _check_batch_split(cfg, d.world)
     out = Path(cfg.train.out_dir)
@@ -250,23 +265,14 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
                                  api_key=cfg.teacher.api_key) as client:
             await client.wait_ready()
             await client.check_tokenizer(tokenizer)
-            fsdp = d.launched and cfg.train.parallel == "fsdp"
-            mixed = compute_dtype(cfg.train.precision)
-            policy = make_policy(student, cfg.train.precision, separate=fsdp)  # before sharding
-            loss = StudentLoss(student, cfg.train.loss_chunk_tokens, autocast_dtype=None if fsdp else mixed)
-            model = distributed.wrap(loss, d, cfg.train.parallel, param_dtype=mixed)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                          weight_decay=cfg.optim.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-            run = Run(cfg, out, model, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer),
-                      lm=student, policy=policy, dist=d)
+            run = assemble(cfg, student, tokenizer, client, out, d)
             if ckpt:
                 state = checkpoint.load_state(ckpt)
-                distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
+                distributed.load_optimizer_state(run.student, run.optimizer, state["optimizer"])
+                run.scheduler.load_state_dict(state["scheduler"])
                 checkpoint.set_rng_state(state["rng"])
                 run.step = state["step"]
-                distributed.refresh_policy(model, student, policy)
+                distributed.refresh_policy(run.student, student, run.policy)
             return await _loop(run)
     finally:
         if local is not None:
