@@ -128,8 +128,8 @@ def loss_memory(device: str, rows: int = 4, tokens: int = 1200) -> Section:
     results = {}
     for name, chunk in (("full logits (before)", 0), ("chunked (auto)", None)):
         if device == "cpu":
-            out = subprocess.run([sys.executable, "-m", "bench.bench_scale", "--loss-memory-child", str(chunk)],
-                                 cwd=REPO, capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.bench_scale", "--loss-memory-child", str(chunk),
+                                  "--loss-rows", str(rows)], cwd=REPO, capture_output=True, text=True, check=True)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         else:
             lm = build(qwen3("0.6b", narrow=True, num_hidden_layers=1), device)
@@ -242,12 +242,13 @@ def main() -> None:
     ap.add_argument("--sections", default="loss,micro,decode,whole", help="comma-separated subset")
     ap.add_argument("--pairs", default="0.6b-4b,1.7b-8b")
     ap.add_argument("--out", type=Path, default=None, help="also write the report to DIR/bench_scale.md")
+    ap.add_argument("--loss-rows", type=int, default=4, help="rows of 1,200 tokens in the loss-memory section")
     ap.add_argument("--loss-memory-child", default=None, help=argparse_hidden())
     args = ap.parse_args()
     if args.loss_memory_child is not None:
         chunk = None if args.loss_memory_child == "None" else int(args.loss_memory_child)
         limit_threads(args.threads)
-        _loss_memory_child(chunk, 4, 1200)
+        _loss_memory_child(chunk, args.loss_rows, 1200)
         return
     limit_threads(args.threads)
     narrow = args.quick or args.device == "cpu"
@@ -255,7 +256,7 @@ def main() -> None:
     sections = []
     started = time.perf_counter()
     if "loss" in wanted:
-        sections.append(loss_memory(args.device))
+        sections.append(loss_memory(args.device, args.loss_rows))
     if "micro" in wanted:
         sections.append(micro_steps(args.device, narrow, *((8, 1200) if not narrow else (2, 128))))
     if "decode" in wanted:

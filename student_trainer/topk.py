@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from student_trainer.blend import LOG_FLOOR, kl
-from student_trainer.row_generators import Generator, rows_of, uniform
+from student_trainer.row_generators import Generator, uniform
 
 # Tails are clamped to log(1e-30): a teacher top-k that sums to >= 1 after rounding, a student
 # with (almost) no mass off S, or K = V, then still give finite logs and gradients.
@@ -130,15 +130,16 @@ def sample_reduced(
     mix_logp_N_K1: torch.Tensor,
     generator: Generator = None,
 ) -> torch.Tensor:
-    """Token ids (N,) from a (k+1)-category distribution: a tail draw is a student draw off S."""
+    """Token ids (N,) from a (k+1)-category distribution: a tail draw is a student draw off S.
+
+    Every row draws its off-S candidate, used or not: picking only the rows that fell in the tail
+    would need their indices on the host, a second device sync per decode step (the first is the
+    tokens the teacher request carries).
+    """
     category_N = sample_categorical(mix_logp_N_K1, generator)
     n_top = ids_N_K.shape[-1]
     if n_top == 0:  # no top-k at all: every draw is a tail draw
         return sample_categorical(student_logp_N_V, generator)
-    tokens_N = ids_N_K.gather(-1, category_N.clamp_max(n_top - 1).unsqueeze(-1)).squeeze(-1)
-    tail_rows = (category_N == n_top).nonzero().squeeze(-1)
-    if tail_rows.numel():
-        rows_logp = student_logp_N_V[tail_rows]
-        off_s = rows_logp.masked_fill(_in_topk_N_V(rows_logp, ids_N_K[tail_rows]), -math.inf)
-        tokens_N = tokens_N.index_copy(0, tail_rows, sample_categorical(off_s, rows_of(generator, tail_rows)))
-    return tokens_N
+    top_N = ids_N_K.gather(-1, category_N.clamp_max(n_top - 1).unsqueeze(-1)).squeeze(-1)
+    off_s_N_V = student_logp_N_V.masked_fill(_in_topk_N_V(student_logp_N_V, ids_N_K), -math.inf)
+    return torch.where(category_N == n_top, sample_categorical(off_s_N_V, generator), top_N)
