@@ -1,4 +1,7 @@
-"""`make reproduce`: OPD, TRB, fixed-ε, SKD and SFT warmup on the arithmetic task, several seeds each.
+"""`make reproduce`: every method of docs/methods.md on the arithmetic task, several seeds each.
+
+OPD, TRB, fixed-ε, SKD, SFT warmup (token cross-entropy), teacher warmup (reverse KL on teacher
+rollouts: what `sft_warmup` meant before) and Veto.
 
 Every run gets the same optimizer steps, batch, max_new_tokens and eval set; they all share one
 teacher server (as experiments do in practice). Writes `docs/results.md` and a comparison plot.
@@ -26,7 +29,7 @@ from student_trainer.local_teacher import LocalTeacher  # noqa: E402
 from student_trainer.plots import plot_comparison  # noqa: E402
 from student_trainer.run_log import read_metrics  # noqa: E402
 
-METHODS = ["opd", "trb", "fixed_eps", "skd", "sft_warmup"]
+METHODS = ["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]
 
 
 def finished(out: Path) -> bool:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from student_trainer.tasks.math import INSTRUCTION
 
-Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup"]
+Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]  # docs/methods.md
 
 
 class _Section(BaseModel):
@@ -54,9 +54,19 @@ class TeacherCfg(_Section):
 class MethodCfg(_Section):
     name: Method = "trb"
     eps0: float = Field(0.1, ge=0, description="Initial KL budget (nats per token) for trb / fixed_eps.")
-    horizon: int = Field(100, ge=0, description="Warmup length K in optimizer steps (trb anneal, sft_warmup).")
+    horizon: int = Field(100, ge=0, description="Warmup length K in optimizer steps (trb anneal, sft_warmup, "
+                                                "teacher_warmup).")
     schedule: Literal["linear", "cosine"] = Field("linear", description="Anneal shape of the trb budget.")
     skd_top_k: int = Field(5, ge=1, description="SKD keeps a student token inside the teacher's top-K.")
+    sft_loss: Literal["cross_entropy", "forward_kl"] = Field(
+        "cross_entropy", description="sft_warmup's loss on teacher rollouts: NLL of the teacher's tokens, or "
+                                     "forward KL(π_T‖π_S) to its top-k + tail.")
+    veto_beta: float = Field(0.8, ge=0, description="Veto's β at step 0 (target ∝ π_T·π_S^β); 0.8 is the "
+                                                    "authors' GSM8K value.")
+    veto_divergence: Literal["forward", "reverse"] = Field(
+        "forward", description="Veto's loss: forward KL(q_β‖π_S) (the paper's main form) or reverse KL(π_S‖q_β).")
+    veto_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="Veto's β: linear decay to 0 over train.steps (the authors'), or constant.")
 
 
 class DataCfg(_Section):

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 
 from shared.kv_decode import position_ids
-from student_trainer.chunked_loss import DEFAULT_CHUNK_ELEMENTS, chunk_tokens, chunked_topk_kl_sum
-from student_trainer.losses import reverse_kl_loss
+from student_trainer.chunked_loss import DEFAULT_CHUNK_ELEMENTS, chunk_tokens, chunked_loss_sum
+from student_trainer.losses import distill_loss, next_tokens
 from student_trainer.topk import TeacherTopK
 
 Precision = Literal["fp32", "bf16-mixed"]
@@ -49,7 +49,7 @@ def hidden_path_matches(lm: torch.nn.Module) -> bool:
 
 
 class StudentLoss(torch.nn.Module):
-    """forward(batch) = this batch's share of the token-mean reverse KL; holds the CausalLM as `lm`.
+    """forward(batch) = this batch's share of the token-mean loss; holds the CausalLM as `lm`.
 
     `chunk` tokens go through lm_head and the loss at a time (chunked_loss.py); None picks it from
     the vocabulary size (about 2^25 logits a chunk); 0 runs the reference path: full logits from
@@ -71,20 +71,23 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 target_ids: torch.Tensor, target_logprobs: torch.Tensor, target_tail: torch.Tensor | None,
-                n_tokens: float) -> torch.Tensor:
-        """Σ KL over this batch's loss positions / `n_tokens` (the whole batch's count, all ranks)."""
+                n_tokens: float, loss: str = "reverse_kl", beta: float = 0.0) -> torch.Tensor:
+        """Σ loss over this batch's loss positions / `n_tokens` (the whole batch's count, all ranks).
+
+        `loss` and `beta` name the per-token loss as losses.loss_rows takes them (train.loss_plan).
+        """
         targets = TeacherTopK(target_ids, target_logprobs, target_tail)
         positions = position_ids(attention_mask)
         with self._autocast(input_ids.device):
             if not self.chunk:
                 logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-                return reverse_kl_loss(logits, targets, loss_mask, n_tokens)[0]
+                return distill_loss(logits, targets, loss_mask, n_tokens, loss, input_ids, beta)[0]
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=positions).last_hidden_state
             mask = loss_mask.bool()
             head = self.lm.get_output_embeddings()
-            return chunked_topk_kl_sum(hidden[mask], head.weight, head.bias, targets.select(mask),
-                                       self.chunk) / n_tokens
+            return chunked_loss_sum(hidden[mask], head.weight, head.bias, targets.select(mask), self.chunk, loss,
+                                    next_tokens(input_ids)[mask], beta) / n_tokens
 
 
 def make_policy(lm: torch.nn.Module, precision: Precision, separate: bool) -> torch.nn.Module:

@@ -5,6 +5,7 @@
         batch = rollouts of the student under μ (blend / SKD / teacher / student) at ε_k
         targets = teacher top-k at every response prefix   # kept from the rollout, or one score call
         loss  = mean over response tokens of KL(π_S || π̂_T); AdamW step
+                # (Veto and the SFT warmup swap the loss: `loss_plan`, docs/methods.md)
 
 Everything a resumed run needs is a function of (seed, step) or lives in the checkpoint.
 Under torchrun each rank rolls out its slice of the global batch (distributed.py); row i of step k
@@ -39,6 +40,7 @@ from student_trainer.run_log import NullLog, RunLog
 from student_trainer.schedules import budget
 from student_trainer.student_model import StudentLoss, compute_dtype, make_policy
 from student_trainer.teacher_client import TeacherClient
+from student_trainer.veto import veto_beta
 
 
 class TrainingError(RuntimeError):
@@ -52,9 +54,21 @@ def method_plan(cfg: Config, step: int) -> tuple[str, float]:
         return "trb", budget(m.schedule, step, m.eps0, m.horizon)
     if m.name == "fixed_eps":
         return "fixed_eps", m.eps0
-    if m.name == "sft_warmup":
+    if m.name in ("sft_warmup", "teacher_warmup"):
         return ("teacher", 0.0) if step < m.horizon else ("opd", 0.0)
+    if m.name == "veto":
+        return "opd", 0.0
     return m.name, 0.0
+
+
+def loss_plan(cfg: Config, step: int) -> tuple[str, float]:
+    """(loss name from losses.LOSSES, Veto's β) at an optimizer step: reverse KL but for two methods."""
+    m = cfg.method
+    if m.name == "veto":
+        return f"veto_{m.veto_divergence}", veto_beta(m.veto_schedule, step, m.veto_beta, cfg.train.steps)
+    if m.name == "sft_warmup" and step < m.horizon:
+        return m.sft_loss, 0.0
+    return "reverse_kl", 0.0
 
 
 def _behavior(cfg: Config, name: str) -> Behavior:
@@ -112,12 +126,13 @@ async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, ep
     return rollout
 
 
-def _micro_loss(run: Run, rollout: Rollout, n_tokens: float) -> torch.Tensor:
+def _micro_loss(run: Run, rollout: Rollout, n_tokens: float, loss: str = "reverse_kl",
+                beta: float = 0.0) -> torch.Tensor:
     device, targets = run.dist.device, rollout.targets.to(run.dist.device)
     run.student.train()
     return run.student(rollout.tokens_B_T.to(device), rollout.attention_mask_B_T.to(device),
                        rollout.loss_mask_B_T.to(device), targets.ids, targets.logprobs, targets.tail_logprob,
-                       n_tokens)
+                       n_tokens, loss, beta)
 
 
 def _micro_batches(rollouts: list[Rollout], micro: int) -> list[Rollout]:
@@ -137,6 +152,7 @@ async def train_step(run: Run) -> dict[str, Any]:
     """
     cfg, d, started = run.cfg, run.dist, time.perf_counter()
     name, eps = method_plan(cfg, run.step)
+    loss_name, beta = loss_plan(cfg, run.step)
     behavior = _behavior(cfg, name)
     rows = d.rows(cfg.train.batch_size)
     problems = run.data.train_batch(run.step, cfg.train.batch_size)[rows.start : rows.stop]
@@ -149,7 +165,7 @@ async def train_step(run: Run) -> dict[str, Any]:
     local_loss = 0.0
     for i, rollout in enumerate(micro_batches):
         with distributed.grad_sync(run.student, enabled=i == len(micro_batches) - 1):
-            loss = _micro_loss(run, rollout, max(n_tokens, 1.0) / d.world)
+            loss = _micro_loss(run, rollout, max(n_tokens, 1.0) / d.world, loss_name, beta)
             loss.backward()
         local_loss += loss.item()
     loss_sum, rebuilds = distributed.all_sum(d, local_loss, sum(r.teacher_rebuilds for r in rollouts))
@@ -163,7 +179,9 @@ async def train_step(run: Run) -> dict[str, Any]:
     run.scheduler.step()
     diags = [x for part in distributed.gather(d, [x for r in rollouts for x in r.diagnostics]) for x in part]
     elapsed = time.perf_counter() - started
-    return {"step": run.step + 1, "method": cfg.method.name, "behavior": name, "eps": eps, "loss": total_loss,
+    veto = {"veto_beta": beta} if cfg.method.name == "veto" else {}
+    return {"step": run.step + 1, "method": cfg.method.name, "behavior": name, "eps": eps, "loss_fn": loss_name,
+            **veto, "loss": total_loss,
             "grad_norm": grad_norm, "skipped": not finite, "lr": run.scheduler.get_last_lr()[0],
             "response_len": n_tokens / cfg.train.batch_size, "tokens": int(n_tokens),
             "tokens_per_s": n_tokens / elapsed, "step_s": elapsed, "session_rebuilds": int(rebuilds),

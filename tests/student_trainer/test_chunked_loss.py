@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO
 from shared.kv_decode import position_ids
-from student_trainer.chunked_loss import chunk_tokens, chunked_topk_kl_sum
-from student_trainer.losses import per_token_reverse_kl, reverse_kl_loss
+from student_trainer.chunked_loss import chunk_tokens, chunked_loss_sum
+from student_trainer.losses import loss_rows, per_token_reverse_kl, reverse_kl_loss
 from student_trainer.student_model import StudentLoss, hidden_path_matches
 from student_trainer.topk import TeacherTopK
 
@@ -36,7 +36,7 @@ def _plain_and_chunked(n: int, hidden: int, vocab: int, k: int, chunk: int, seed
                                                                   targets.tail_logprob[None]),
                                  torch.ones(1, n, dtype=torch.bool)).sum()
     plain_grads = torch.autograd.grad(plain, (h, w, b))
-    chunked = chunked_topk_kl_sum(h, w, b, targets, chunk)
+    chunked = chunked_loss_sum(h, w, b, targets, chunk)
     chunked_grads = torch.autograd.grad(chunked, (h, w, b))
     return plain, plain_grads, chunked, chunked_grads
 
@@ -57,7 +57,7 @@ def test_a_minus_inf_teacher_entry_stays_finite_when_chunked() -> None:
     lps = targets.logprobs.clone()
     lps[:, -1] = -torch.inf  # k above the teacher's support
     h, w = torch.randn(6, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True)
-    loss = chunked_topk_kl_sum(h, w, None, TeacherTopK(targets.ids, lps, targets.tail_logprob), chunk=4)
+    loss = chunked_loss_sum(h, w, None, TeacherTopK(targets.ids, lps, targets.tail_logprob), chunk=4)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
 
@@ -114,3 +114,19 @@ def test_a_head_that_post_processes_logits_falls_back_to_full_logits() -> None:
     lm.forward = capped
     assert not hidden_path_matches(lm)
     assert StudentLoss(lm, chunk=5).chunk == 0
+
+
+@pytest.mark.parametrize(("name", "beta"), [("forward_kl", 0.0), ("cross_entropy", 0.0), ("veto_forward", 0.8),
+                                            ("veto_reverse", 0.5)])
+def test_every_loss_chunks_to_its_plain_value_and_gradient(name: str, beta: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    n, vocab = 23, 31
+    h = torch.randn(n, 8, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(vocab, 8, generator=g, dtype=torch.float64).requires_grad_()
+    targets, tokens = _targets(n, vocab, 6, 3), torch.randint(vocab, (n,), generator=g)
+    plain = loss_rows(name, (h @ w.T).float().log_softmax(-1), targets, tokens, beta).clamp_min(0).sum()
+    plain_grads = torch.autograd.grad(plain, (h, w))
+    chunked = chunked_loss_sum(h, w, None, targets, 5, name, tokens, beta)
+    assert float(chunked) == pytest.approx(float(plain), rel=1e-5, abs=1e-5)
+    for a, b in zip(plain_grads, torch.autograd.grad(chunked, (h, w)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
