@@ -27,13 +27,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.kv_decode import position_ids
-from student_trainer import checkpoint, distributed
+from student_trainer import checkpoint, distributed, startup
 from student_trainer.behaviors import Behavior, make_behavior
 from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
-from student_trainer.local_teacher import LocalTeacher
 from student_trainer.losses import reverse_kl_loss
 from student_trainer.rollout import Rollout, generate, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
@@ -196,6 +195,7 @@ async def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
+    startup.check_sources(cfg, student=not resume)
     if cfg.train.batch_size % (d.world * cfg.optim.accum_steps):
         raise TrainingError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must divide by "
                             f"world size x optim.accum_steps = {d.world} x {cfg.optim.accum_steps}")
@@ -214,13 +214,12 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source)
     local = None
     if cfg.teacher.url is None and d.main:  # one local teacher, shared by every rank
-        local = LocalTeacher(cfg.teacher.model, threads=cfg.teacher.threads, log=out / "teacher.log").wait_ready()
+        local = startup.start_local_teacher(cfg, out / "teacher.log")
     urls = cfg.teacher.urls or distributed.broadcast(d, [local.url] if local else None)
     try:
         async with TeacherClient(urls, client_id=f"trainer:{out.name}", timeout=cfg.teacher.timeout_s,
                                  api_key=cfg.teacher.api_key) as client:
-            await client.wait_ready()
-            await client.check_tokenizer(tokenizer)
+            await startup.connect(client, cfg, tokenizer, report=startup.say if d.main else startup.quiet)
             model, policy = distributed.wrap(student, d, cfg.train.parallel)
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                           weight_decay=cfg.optim.weight_decay)

@@ -1,0 +1,212 @@
+"""The config reference, read from the pydantic models in config.py: one source for three readers.
+
+`trb-train --print-config` prints a resolved config as commented YAML (a file you can edit and
+pass back with --config), docs/config.md is generated from the same walk, and `trb-train --help`
+lists the methods. A field added to config.py appears in all three; its `description=` is the
+one-line meaning (tests/student_trainer/test_config_doc.py fails for a field without one).
+
+Regenerate the doc: `make config-doc` (python -m student_trainer.config_doc --write docs/config.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from student_trainer.config import Config
+
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+REGENERATE = "make config-doc"
+
+METHODS: dict[str, str] = {
+    "opd": "on-policy distillation: the student samples every rollout token",
+    "trb": "Trust-Region behavior Blending: the blend closest to the teacher within KL eps of the student "
+           "samples; eps anneals from method.eps0 to 0 over method.horizon steps, then as opd",
+    "fixed_eps": "the TRB blend with a constant eps = method.eps0",
+    "skd": "the student proposes a token, kept inside the teacher's top method.skd_top_k, else the teacher samples",
+    "sft_warmup": "teacher rollouts for method.horizon steps, then opd",
+}
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key: dotted name, type, default, meaning."""
+
+    key: str
+    type: str
+    default: str
+    description: str
+    field: FieldInfo
+
+
+def _yaml(value: Any) -> str:
+    """A value as one line of flow-style YAML (what --set and a config file accept)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    if origin is Literal:
+        return "{" + ", ".join(str(a) for a in args) + "}"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+_BOUNDS = [(annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
+           (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<")]
+
+
+def type_text(field: FieldInfo) -> str:
+    """The annotation, plus bounds such as `>= 1`."""
+    bounds = [f"{sign} {getattr(m, attr)}" for m in field.metadata for cls, attr, sign in _BOUNDS
+              if isinstance(m, cls)]
+    return " ".join([_type_name(field.annotation), *bounds])
+
+
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def default_text(field: FieldInfo) -> str:
+    if "doc_default" in _extra(field):
+        return str(_extra(field)["doc_default"])
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        return _yaml(field.default_factory())  # type: ignore[call-arg]
+    if field.default is PydanticUndefined:
+        return "required"
+    value = field.default.model_dump(mode="json") if isinstance(field.default, BaseModel) else field.default
+    return _yaml(list(value) if isinstance(value, tuple) else value)
+
+
+def _section(tp: Any) -> type[BaseModel] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def sections(model: type[BaseModel] = Config) -> Iterator[tuple[str, type[BaseModel]]]:
+    """(name, section model) of each top-level section, in declaration order."""
+    for name, field in model.model_fields.items():
+        if (section := _section(field.annotation)) is not None:
+            yield name, section
+
+
+def keys(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[KeyDoc]:
+    """Every leaf key of the config, depth first, in declaration order."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if (section := _section(field.annotation)) is not None:
+            yield from keys(section, key + ".")
+        else:
+            yield KeyDoc(key, type_text(field), default_text(field), field.description or "", field)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def methods_help() -> str:
+    """The `method.name` values, one line each (for `trb-train --help`)."""
+    width = max(map(len, METHODS))
+    lines = ["methods (--set method.name=...):"]
+    for name, text in METHODS.items():
+        lines += textwrap.wrap(text, width=100, initial_indent=f"  {name:<{width}}  ",
+                               subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
+
+
+# ---- commented YAML (trb-train --print-config) ---------------------------------------------
+def _comment(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(text, width=110, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+
+
+def commented_yaml(cfg: Config | None = None) -> str:
+    """The config as YAML with each key's meaning, type and default above it; defaults when `cfg` is None.
+
+    Secret keys (teacher.api_key) are printed commented out and never with their value, so the
+    output can be shared and passed back with --config without pinning a key.
+    """
+    values = cfg.model_dump(mode="json") if cfg is not None else {}
+    lines = ["# trb-train config" + (" (resolved from --config and --set)" if cfg else " (the defaults)")
+             + ": every key with its meaning, [type; default].",
+             f"# Reference: docs/config.md (regenerate: {REGENERATE}). Use: trb-train --config FILE.", ""]
+    for name, section in sections():
+        lines += [f"{name}:  # {_first_line(section.__doc__)}"]
+        for doc in keys(section, ""):
+            default = "required" if doc.default == "required" else f"default {doc.default}"
+            lines += _comment(f"{doc.description} [{doc.type}; {default}]", "  ")
+            value = values.get(name, {}).get(doc.key) if cfg else _default_value(doc.field)
+            if _extra(doc.field).get("secret"):
+                shown = "<hidden>" if value else "null"
+                lines += [f"  # {doc.key}: {shown}  (secret: never printed; uncomment to set one here)"]
+            else:
+                lines += [f"  {doc.key}: {_yaml(value)}"]
+        lines += [""]
+    return "\n".join(lines)
+
+
+def _default_value(field: FieldInfo) -> Any:
+    if field.is_required():
+        return None
+    if field.default_factory is not None:
+        return field.default_factory()  # type: ignore[call-arg]
+    return list(field.default) if isinstance(field.default, tuple) else field.default
+
+
+# ---- docs/config.md -------------------------------------------------------------------------
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown() -> str:
+    """docs/config.md: one table per section (key, type, default, meaning), then the methods."""
+    out = ["# Config reference", "",
+           f"<!-- Generated from student_trainer/config.py by `{REGENERATE}` "
+           "(python -m student_trainer.config_doc --write docs/config.md); do not edit by hand. -->", "",
+           "Every key of a `trb-train` config. Set them in a YAML file (`--config`, see `recipes/`) or one",
+           "at a time with `--set section.key=value` (the value is read as YAML). Unknown keys are refused",
+           "with their dotted name. `trb-train --print-config` prints a resolved config in this form as",
+           "commented YAML; `trb-train --check` validates a config, loads the student, reaches the teacher,",
+           "checks the tokenizers and the data, and prints what the run would do, without training.", ""]
+    for name, section in sections():
+        out += [f"## {name}", "", _first_line(section.__doc__), "",
+                "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        out += [f"| `{name}.{d.key}` | `{_cell(d.type)}` | `{_cell(d.default)}` | {_cell(d.description)} |"
+                for d in keys(section, "")]
+        out += [""]
+    out += ["## Methods (`method.name`)", "", "| name | rollout tokens come from |", "| --- | --- |"]
+    out += [f"| `{name}` | {_cell(text)} |" for name, text in METHODS.items()]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print (or --write) the config reference, docs/config.md.")
+    parser.add_argument("--write", type=Path, help="Write it to this file instead of printing it.")
+    args = parser.parse_args(argv)
+    if args.write:
+        args.write.write_text(markdown())
+    else:
+        print(markdown(), end="")
+
+
+if __name__ == "__main__":
+    main()
