@@ -77,8 +77,10 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     student.to(cfg.student.device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     params = sum(p.numel() for p in student.parameters())
-    lines = [("student", f"{source} ({found.get('student.path', 'checkpoint')}): {params / 1e6:.2f}M parameters, "
-                         f"{cfg.student.dtype} on {cfg.student.device}")]
+    how = {"local": "local folder", "cache": "hub id, cached", "hub": "hub id"}.get(found.get("student.path"),
+                                                                                 "checkpoint")
+    lines = [("student", f"{source} ({how}): {params / 1e6:.2f}M parameters, {cfg.student.dtype} on "
+                         f"{cfg.student.device}")]
     data_line, longest_prompt = _data(cfg, tokenizer)
     local = None
     if cfg.teacher.url is None:
@@ -92,16 +94,17 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
         if local is not None:
             local.stop()
     _teacher_limits(cfg, info, longest_prompt + cfg.train.max_new_tokens)
-    where = ", ".join(cfg.teacher.urls) if cfg.teacher.urls else f"a local server for {cfg.teacher.model} (stopped)"
+    where = f"{', '.join(cfg.teacher.urls)}: {info.model}" if cfg.teacher.urls else \
+        f"{cfg.teacher.model} (a local server, started and stopped)"
     t = cfg.train
     evals = f"every {t.eval_every} steps, " if t.eval_every else ""
-    lines += [("teacher", f"{where}: {info.model} ({info.backend}, vocab {info.vocab_size}, max_context "
-                          f"{info.max_context}); tokenizer fingerprint {info.tokenizer_fingerprint} = the student's"),
+    lines += [("teacher", f"{where}: {info.backend}, vocab {info.vocab_size}, max_context {info.max_context}, "
+                          f"tokenizer fingerprint {info.tokenizer_fingerprint} = the student's"),
               ("method", _method(cfg)),
               ("data", data_line),
               ("run", f"{t.steps} steps x {t.batch_size} rollouts = {t.steps * t.batch_size} rollouts of up to "
-                      f"{t.max_new_tokens} new tokens (at most {t.steps * t.batch_size * t.max_new_tokens:,} "
-                      f"response tokens), teacher top-{cfg.teacher.top_k}"),
-              ("eval", f"at the start, {evals}at the end: accuracy on {cfg.data.eval_size} problems, probe KL"),
+                      f"{t.max_new_tokens} new tokens ({t.steps * t.batch_size * t.max_new_tokens:,} at most), "
+                      f"teacher top-{cfg.teacher.top_k}"),
+              ("eval", f"{'' if resume else 'at the start, '}{evals}at the end: accuracy and probe KL"),
               ("checkpoints", _checkpoints(cfg, out, ckpt, resume))]
     return [f"  {key:<12} {value}" for key, value in lines]
