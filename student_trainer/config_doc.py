@@ -145,23 +145,34 @@ def commented_yaml(cfg: Config | None = None) -> str:
     Secret keys (teacher.api_key) are printed commented out and never with their value, so the
     output can be shared and passed back with --config without pinning a key.
     """
-    values = cfg.model_dump(mode="json") if cfg is not None else {}
     lines = ["# trb-train config" + (" (resolved from --config and --set)" if cfg else " (the defaults)")
              + ": every key with its meaning, [type; default].",
              f"# Reference: docs/config.md (regenerate: {REGENERATE}). Use: trb-train --config FILE.", ""]
-    for name, section in sections():
-        lines += [f"{name}:  # {_first_line(section.__doc__)}"]
-        for doc in keys(section, ""):
-            default = "required" if doc.default == "required" else f"default {doc.default}"
-            lines += _comment(f"{doc.description} [{doc.type}; {default}]", "  ")
-            value = values.get(name, {}).get(doc.key) if cfg else _default_value(doc.field)
-            if _extra(doc.field).get("secret"):
-                shown = "<hidden>" if value else "null"
-                lines += [f"  # {doc.key}: {shown}  (secret: never printed; uncomment to set one here)"]
-            else:
-                lines += [f"  {doc.key}: {_yaml(value)}"]
-        lines += [""]
+    lines += _yaml_lines(Config, cfg.model_dump(mode="json") if cfg is not None else None, "")
     return "\n".join(lines)
+
+
+def _yaml_lines(model: type[BaseModel], values: dict[str, Any] | None, indent: str) -> list[str]:
+    """One model's keys at `indent`, sections nested (`values` None: the defaults)."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        value = values.get(name) if values is not None else None
+        if (section := _section(field.annotation)) is not None:
+            lines += [f"{indent}{name}:  # {_first_line(section.__doc__)}"]
+            lines += _yaml_lines(section, value if values is not None else None, indent + "  ")
+            lines += [""] if not indent else []
+            continue
+        default = default_text(field)
+        default = default if default == "required" else f"default {default}"
+        lines += _comment(f"{field.description or ''} [{type_text(field)}; {default}]", indent)
+        if values is None:
+            value = _default_value(field)
+        if _extra(field).get("secret"):
+            shown = "<hidden>" if value else "null"
+            lines += [f"{indent}# {name}: {shown}  (secret: never printed; uncomment to set one here)"]
+        else:
+            lines += [f"{indent}{name}: {_yaml(value)}"]
+    return lines
 
 
 def _default_value(field: FieldInfo) -> Any:
@@ -180,8 +191,9 @@ def _cell(text: str) -> str:
 def markdown() -> str:
     """docs/config.md: one table per section (key, type, default, meaning), then the methods."""
     out = ["# Config reference", "",
-           f"<!-- Generated from student_trainer/config.py by `{REGENERATE}` "
-           "(python -m student_trainer.config_doc --write docs/config.md); do not edit by hand. -->", "",
+           f"Generated from `student_trainer/config.py` by `{REGENERATE}` (or `python -m "
+           "student_trainer.config_doc --write docs/config.md`); do not edit by hand, a test checks it is current.",
+           "",
            "Every key of a `trb-train` config. Set them in a YAML file (`--config`, see `recipes/`) or one",
            "at a time with `--set section.key=value` (the value is read as YAML). Unknown keys are refused",
            "with their dotted name. `trb-train --print-config` prints a resolved config in this form as",
