@@ -195,10 +195,10 @@ async def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
-    startup.check_sources(cfg, student=not resume)
     if cfg.train.batch_size % (d.world * cfg.optim.accum_steps):
         raise TrainingError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must divide by "
                             f"world size x optim.accum_steps = {d.world} x {cfg.optim.accum_steps}")
+    startup.check_sources(cfg, student=not resume)
     out = Path(cfg.train.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
