@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo reproduce clean test-compose
+.PHONY: install test demo reproduce clean test-compose config-doc
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 # The paper's comparison on the arithmetic task (not in CI): writes docs/results.md and docs/results.png.
 reproduce: $(STAMP)
 	$(BIN)/python scripts/reproduce.py
+
+# docs/config.md from the config models in student_trainer/config.py (a test fails when it is stale).
+config-doc: $(STAMP)
+	$(BIN)/python -m student_trainer.config_doc --write docs/config.md
 
 # docker compose up for real (a private dockerd, offline image builds); see docs/deploy.md.
 test-compose: $(STAMP)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test-compose`: build the images and run docker-compose.yml (+ docker-compose.ci.yml) for real:
-# the teacher must become healthy, the trainer must finish its tiny run with exit status 0, print
-# the run summary and leave a checkpoint in the `runs` volume.
+# `trb-train --check` must pass against the teacher container, the teacher must become healthy, the
+# trainer must finish its tiny run with exit status 0, print the run summary and leave a checkpoint
+# in the `runs` volume.
 #
 # The Docker engine is private to this script: Debian's docker.io + docker-compose (installed with
 # apt-get when missing), dockerd on its own data root, socket and exec root under $TRB_COMPOSE_DIR,
@@ -201,6 +202,20 @@ check_run() {
     [ "$ckpt" = "$(printf 'step_%06d' "$STEPS")" ] || log "WARNING: expected step_$(printf '%06d' "$STEPS"), found $ckpt"
 }
 
+dry_run() {
+    # `trb-train --check` in the trainer image against the teacher container: it waits for the teacher
+    # (saying why while it loads), checks the student, the tokenizers and the data, and trains nothing.
+    log "dry run: teacher up, then trb-train --check in a one-off trainer container"
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" up -d --no-build teacher >/dev/null
+    timeout 600 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" run --rm -T --no-deps trainer \
+        --config recipes/arithmetic/trb.yaml --set student.path=/models/arith-student \
+        --set "teacher.url=http://127.0.0.1:$TEACHER_PORT" --set "train.steps=$STEPS" --set train.batch_size=4 \
+        --set train.max_new_tokens=32 --set "train.out_dir=/runs/$RUN_NAME" --set train.threads=1 --check \
+        >"$STATE/check.log" 2>&1 || { tail -n 20 "$STATE/check.log"; fail "trb-train --check failed"; }
+    grep -q "ready to train" "$STATE/check.log" || { tail -n 20 "$STATE/check.log"; fail "trb-train --check printed no plan"; }
+    sed -n '/ready to train/,$p' "$STATE/check.log" | sed 's/^/  /'
+}
+
 main() {
     install_tools
     start_dockerd
@@ -220,8 +235,9 @@ main() {
     docker image prune -f >/dev/null || true   # earlier builds' layers; the current build cache stays
     docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' | grep trb-distill || true
 
-    log "docker-compose up (teacher on 127.0.0.1:$TEACHER_PORT, $STEPS trainer steps, limit ${UP_TIMEOUT}s)"
     "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+    dry_run
+    log "docker-compose up (teacher on 127.0.0.1:$TEACHER_PORT, $STEPS trainer steps, limit ${UP_TIMEOUT}s)"
     local out=$STATE/up.log rc
     set +e
     timeout "$UP_TIMEOUT" "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" up --no-build --no-color \

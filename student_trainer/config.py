@@ -22,19 +22,27 @@ class _Section(BaseModel):
 
 
 class StudentCfg(_Section):
+    """The model being distilled."""
+
     path: str = Field(description="Student checkpoint (local path or hub id); its tokenizer must match the teacher's.")
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Student weights and compute dtype.")
+    device: str = Field("cpu", description="torch device of the student: cpu, cuda (under torchrun: each "
+                        "rank's GPU).")
 
 
 class TeacherCfg(_Section):
+    """Where teacher logprobs come from: a running `trb-teacher serve`, or one the trainer starts."""
+
     url: str | list[str] | None = Field(None, description="Running teacher server, or a list of replicas "
-                                        "(least-loaded routing, sessions pinned); None starts one locally.")
-    model: str | None = Field(None, description="Teacher model for the local server (when url is None).")
-    top_k: int = Field(20, ge=1)
+                                        "(least-loaded routing, sessions pinned); null starts one locally.")
+    model: str | None = Field(None, description="Teacher model for the local server (when url is null).")
+    top_k: int = Field(20, ge=1, description="Teacher logprobs per position: its top-k tokens (plus the tail mass).")
     api_key: str | None = Field(default_factory=lambda: os.environ.get("TRB_API_KEY") or None,
-                                description="Key for a teacher that requires one (default: $TRB_API_KEY).")
-    timeout_s: float = 120.0
+                                description="Key for a teacher that requires one (default: $TRB_API_KEY).",
+                                json_schema_extra={"doc_default": "$TRB_API_KEY", "secret": True})
+    timeout_s: float = Field(120.0, gt=0, description="Seconds one teacher request may take before it is retried.")
+    ready_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait at start for the teacher to load; "
+                                   "what is awaited is printed every ~10 s.")
     threads: int | None = Field(None, description="torch threads of the local teacher server.")
 
     @model_validator(mode="after")
@@ -52,7 +60,9 @@ class TeacherCfg(_Section):
 
 
 class MethodCfg(_Section):
-    name: Method = "trb"
+    """Who picks the rollout tokens (the loss is the same for every method)."""
+
+    name: Method = Field("trb", description="Who picks rollout tokens; `trb-train --help` lists the methods.")
     eps0: float = Field(0.1, ge=0, description="Initial KL budget (nats per token) for trb / fixed_eps.")
     horizon: int = Field(100, ge=0, description="Warmup length K in optimizer steps (trb anneal, sft_warmup, "
                                                 "teacher_warmup).")
@@ -70,14 +80,17 @@ class MethodCfg(_Section):
 
 
 class DataCfg(_Section):
-    task: Literal["arithmetic", "math"] = "arithmetic"
-    seed: int = 0
+    """Training prompts, held-out eval problems and the KL probe set."""
+
+    task: Literal["arithmetic", "math"] = Field("arithmetic", description="arithmetic: generated problems; "
+                                                "math: problems from data.path.")
+    seed: int = Field(0, description="Seed of the problem order (and of the arithmetic generator).")
     difficulty: dict[str, Any] = Field(default_factory=dict, description="Task generator knobs (arithmetic).")
-    eval_size: int = Field(200, ge=1)
+    eval_size: int = Field(200, ge=1, description="Held-out problems for greedy pass@1 accuracy.")
     probe_size: int = Field(32, ge=1, description="Fixed prompts+solutions for the KL probe.")
     eval_batch_size: int = Field(256, ge=1, description="Prompts per greedy generate call in eval.")
     path: str | None = Field(None, description="math: training problems (.jsonl, .json or .parquet).")
-    eval_path: str | None = Field(None, description="math: held-out problems; None holds out eval_size of path.")
+    eval_path: str | None = Field(None, description="math: held-out problems; null holds out eval_size of path.")
     instruction: str = Field(INSTRUCTION, description="math: appended to every question.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  description="math: e.g. {enable_thinking: false} for Qwen3.")
@@ -90,27 +103,32 @@ class DataCfg(_Section):
 
 
 class OptimCfg(_Section):
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (peak, after warmup).")
+    weight_decay: float = Field(0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup in optimizer steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="Learning rate after warmup.")
     accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step and rank (batch_size must "
                                                   "divide by world size x accum_steps); the loss is unchanged.")
 
 
 class TrainCfg(_Section):
+    """Steps, batch, rollout length, eval, checkpoints."""
+
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Prompts per optimizer step over all ranks (one rollout each).")
-    max_new_tokens: int = Field(64, ge=1)
-    seed: int = 0
+    max_new_tokens: int = Field(64, ge=1, description="Longest rollout response (and eval completion) in tokens.")
+    seed: int = Field(0, description="Seed of the rollout sampling streams (one per step and row).")
     eval_every: int = Field(25, ge=0, description="0 disables periodic eval (eval still runs at start and end).")
     save_every: int = Field(50, ge=0, description="0 saves only at the end.")
-    keep_checkpoints: int = Field(2, ge=1)
-    out_dir: str = "runs/trb"
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in out_dir/checkpoints.")
+    out_dir: str = Field("runs/trb", description="Run folder: config.yaml, metrics.jsonl, checkpoints/.")
     threads: int | None = Field(None, description="torch threads of the trainer.")
-    progress: bool = True
+    progress: bool = Field(True, description="Live progress bar on stderr (false for logs; metrics.jsonl is "
+                           "always written).")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive non-finite steps before the run stops.")
     rollout_batch_size: int | None = Field(None, ge=1, description="Rows one decode loop rolls out (one teacher "
                                            "session); None: the rank's whole slice. A multiple of the backward "

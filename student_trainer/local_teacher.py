@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,8 +34,11 @@ class LocalTeacher:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[1])
 
-    def wait_ready(self, timeout_s: float = 300.0) -> LocalTeacher:
-        deadline = time.monotonic() + timeout_s
+    def wait_ready(self, timeout_s: float = 300.0, report: Callable[[str], None] | None = None,
+                   report_every_s: float = 15.0) -> LocalTeacher:
+        """Until /health answers; a large teacher takes minutes to load, so `report` hears it now and then."""
+        started = time.monotonic()
+        deadline, next_report = started + timeout_s, started + report_every_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the local teacher server exited with code {self.proc.returncode}"
@@ -45,9 +49,14 @@ class LocalTeacher:
                     return self
             except httpx.TransportError:
                 pass
+            if report and time.monotonic() >= next_report:
+                report(f"the local teacher server is still loading its model ({time.monotonic() - started:.0f}s "
+                       f"of {timeout_s:.0f}s)")
+                next_report += report_every_s
             time.sleep(0.1)
         self.stop()
-        raise TimeoutError(f"the local teacher server was not ready after {timeout_s:.0f}s")
+        raise TimeoutError(f"the local teacher server was not ready after {timeout_s:.0f}s "
+                           "(teacher.ready_timeout_s sets how long to wait)")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,16 @@ from student_trainer.topk import TeacherTopK
 
 _RETRY_STATUS = {429, 502, 503, 504}
 _TRANSPORT_ERRORS = (httpx.TransportError,)
+
+
+def _unreachable(exc: httpx.TransportError) -> str:
+    """One line on a connection failure, with the usual cause of the common one."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ConnectionRefusedError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return "connection refused (nothing listens there yet; a teacher still loading its model does not)"
+    return f"cannot connect ({type(exc).__name__}: {exc or 'no detail'})"
 
 
 class TeacherError(RuntimeError):
@@ -212,23 +222,56 @@ class TeacherClient:
         return codec.decode(resp.content, model_type, media)
 
     # ---- API ----------------------------------------------------------------------------
-    async def wait_ready(self, timeout_s: float = 300.0) -> ModelInfo:
-        """Poll /ready until every replica has loaded the model (servers may still be starting)."""
+    async def wait_ready(self, timeout_s: float = 300.0, report: Callable[[str], None] | None = None,
+                         first_report_s: float = 2.0, report_every_s: float = 10.0) -> ModelInfo:
+        """Poll /ready until every replica has loaded the model (servers may still be starting).
+
+        Waiting is right while a server loads (compose starts it with the trainer), but not in
+        silence: after `first_report_s`, and then every `report_every_s`, `report` gets what is
+        awaited and why. A refused API key or a URL that is no teacher fails at once.
+        """
         deadline = self._now() + timeout_s
-        infos = await asyncio.gather(*(self._wait_one(r, deadline, timeout_s) for r in self.replicas))
+        infos = await asyncio.gather(*(self._wait_one(r, deadline, timeout_s, report, first_report_s,
+                                                      report_every_s) for r in self.replicas))
         return infos[0]
 
-    async def _wait_one(self, r: Replica, deadline: float, timeout_s: float) -> ModelInfo:
+    async def _wait_one(self, r: Replica, deadline: float, timeout_s: float, report: Callable[[str], None] | None,
+                        first_report_s: float, report_every_s: float) -> ModelInfo:
+        started = self._now()
+        next_report, reported = started + first_report_s, False
         while True:
             try:
-                resp = await r.http.get("/ready")
+                resp = await r.http.get("/ready", timeout=min(5.0, timeout_s))
                 if resp.status_code == 200:
+                    if reported and report:
+                        report(f"teacher at {r.url} is ready after {self._now() - started:.0f}s")
                     return await self.model_info(r)
-            except _TRANSPORT_ERRORS:
-                pass
-            if self._now() > deadline:
-                raise TeacherError(f"teacher at {r.url} not ready after {timeout_s:.0f}s")
+                why = self._not_ready(r, resp)
+            except _TRANSPORT_ERRORS as exc:
+                why = _unreachable(exc)
+            now = self._now()
+            if now > deadline:
+                raise TeacherError(f"teacher at {r.url} not ready after {timeout_s:.0f}s: {why}; "
+                                   "teacher.ready_timeout_s sets how long to wait")
+            if report and now >= next_report:
+                report(f"waiting for the teacher at {r.url}: {why} ({now - started:.0f}s of {timeout_s:.0f}s)")
+                next_report, reported = now + report_every_s, True
             await asyncio.sleep(0.25)
+
+    def _not_ready(self, r: Replica, resp: httpx.Response) -> str:
+        """Why a /ready answer other than 200 is worth waiting out; raises when waiting will not help."""
+        err = self._error(resp)
+        detail = str(err).removeprefix(f"teacher {resp.status_code} ")
+        if resp.status_code in (401, 403):
+            what = "the API key" if "authorization" in r.http.headers else "a request without an API key"
+            raise TeacherError(f"teacher at {r.url} refused {what} ({resp.status_code} {detail}); set "
+                               "teacher.api_key or $TRB_API_KEY to a key the server accepts", resp.status_code, err.code)
+        if resp.status_code == 404:
+            raise TeacherError(f"teacher at {r.url} has no /ready route (404): is teacher.url a trb-teacher "
+                               "server (scheme, host, port, no path)?", 404)
+        if resp.status_code == 503:
+            return f"503, the server is up but its model is not loaded ({detail})"
+        return f"{resp.status_code} {detail}"
 
     async def model_info(self, replica: Replica | None = None) -> ModelInfo:
         resp, _ = await self._request("GET", "/v1/model", replica=replica)

@@ -27,13 +27,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_trainer import checkpoint, distributed
+from student_trainer import checkpoint, distributed, startup
 from student_trainer.behaviors import Behavior, make_behavior
 from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
-from student_trainer.local_teacher import LocalTeacher
 from student_trainer.rollout import Rollout, generate, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
 from student_trainer.run_log import NullLog, RunLog
@@ -245,8 +244,9 @@ def _check_batch_split(cfg: Config, world: int) -> None:
 
 
 def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: TeacherClient, out: Path,
-             d: Dist = Dist()) -> Run:
+             d: Dist | None = None) -> Run:
     """A Run around a loaded float32 (or bf16) CausalLM: rollout copy, loss module, DDP / FSDP, AdamW."""
+    d = d or Dist()
     fsdp = d.launched and cfg.train.parallel == "fsdp"
     mixed = compute_dtype(cfg.train.precision)
     policy = make_policy(student, cfg.train.precision, separate=fsdp)  # before sharding
@@ -261,6 +261,7 @@ def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: Teac
 
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     _check_batch_split(cfg, d.world)
+    startup.check_sources(cfg, student=not resume)
     out = Path(cfg.train.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -276,13 +277,12 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source)
     local = None
     if cfg.teacher.url is None and d.main:  # one local teacher, shared by every rank
-        local = LocalTeacher(cfg.teacher.model, threads=cfg.teacher.threads, log=out / "teacher.log").wait_ready()
+        local = startup.start_local_teacher(cfg, out / "teacher.log")
     urls = cfg.teacher.urls or distributed.broadcast(d, [local.url] if local else None)
     try:
         async with TeacherClient(urls, client_id=f"trainer:{out.name}", timeout=cfg.teacher.timeout_s,
                                  api_key=cfg.teacher.api_key) as client:
-            await client.wait_ready()
-            await client.check_tokenizer(tokenizer)
+            await startup.connect(client, cfg, tokenizer, report=startup.say if d.main else startup.quiet)
             run = assemble(cfg, student, tokenizer, client, out, d)
             if ckpt:
                 state = checkpoint.load_state(ckpt)

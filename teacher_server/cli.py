@@ -12,6 +12,7 @@ import sys
 
 from pydantic import ValidationError
 
+from shared.model_source import ModelSourceError, check_model_source
 from teacher_server.auth import load_keys
 from teacher_server.settings import ServerSettings
 
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         keys = load_keys(cfg.api_keys, cfg.api_keys_file)
     except (ValidationError, ValueError) as exc:
         sys.exit(f"trb-teacher: bad settings:\n{exc}")
+    try:
+        check_model_source("--model", cfg.model)
+    except ModelSourceError as exc:
+        sys.exit(f"trb-teacher: {exc}")
     if not keys and args.host not in LOOPBACK and not args.insecure_no_auth:
         sys.exit(f"trb-teacher: refusing to listen on {args.host} without API keys; set TRB_TEACHER_API_KEYS "
                  "or --api-keys-file, or pass --insecure-no-auth on a trusted network")

@@ -107,7 +107,8 @@ def test_large_beta_target_is_the_students_mode_and_stays_finite(divergence):
     q = veto_target(logits.log_softmax(-1), t_logp, 1e3).exp()
     assert torch.equal(q.argmax(-1), mode) and (q.max(-1).values > 0.999).all()
     for teacher in (t_logp, topk):
-        value, grad = _value_and_grad(lambda x: veto_loss_rows(x.log_softmax(-1), teacher, 1e3, divergence), logits)
+        value, grad = _value_and_grad(lambda x, t=teacher: veto_loss_rows(x.log_softmax(-1), t, 1e3, divergence),
+                                      logits)
         assert torch.isfinite(value).all() and torch.isfinite(grad).all() and (value >= -1e-12).all()
 
 
@@ -129,7 +130,8 @@ def test_teacher_minus_inf_is_finite(divergence):
     t_masked = t_masked.log_softmax(-1)
     lp, ids = t_masked.topk(V - 1, -1)  # k above the support: the top-k holds -inf entries
     for teacher in (t_masked, TeacherTopK(ids, lp)):
-        value, grad = _value_and_grad(lambda x: veto_loss_rows(x.log_softmax(-1), teacher, 0.8, divergence), logits)
+        value, grad = _value_and_grad(lambda x, t=teacher: veto_loss_rows(x.log_softmax(-1), t, 0.8, divergence),
+                                      logits)
         assert torch.isfinite(value).all() and torch.isfinite(grad).all()
     if divergence == "forward":  # no target mass there, so the reference is finite too
         ref = torch.stack([ref_veto(logits[i], t_masked[i].exp(), 0.8, "forward") for i in range(N)])

@@ -1,0 +1,110 @@
+"""`trb-train --check`: everything a run needs, checked in the order a run meets it, then the plan.
+
+It validates the config, loads the student, starts or reaches the teacher, compares tokenizer
+fingerprints and the teacher's limits with the config, builds the data, and prints what a run
+would do (steps, rollouts, tokens, eval, where checkpoints go). It writes nothing and trains nothing,
+so it fits before a long job or a compose stack: a mistake costs seconds, not the first eval.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.protocol import ModelInfo
+from student_trainer import checkpoint, startup
+from student_trainer.config import Config
+from student_trainer.data import TaskData
+from student_trainer.teacher_client import TeacherClient
+from student_trainer.train import TrainingError
+
+
+def _method(cfg: Config) -> str:
+    m = cfg.method
+    return {"opd": "opd: the student samples every rollout token",
+            "trb": f"trb: blend eps {m.eps0} annealed ({m.schedule}) to 0 over {m.horizon} steps, then as opd",
+            "fixed_eps": f"fixed_eps: blend at a constant eps {m.eps0}",
+            "skd": f"skd: the student proposes, the teacher's top-{m.skd_top_k} accepts or the teacher samples",
+            "sft_warmup": f"sft_warmup: teacher rollouts for {m.horizon} steps, then as opd"}[m.name]
+
+
+def _teacher_limits(cfg: Config, info: ModelInfo, longest: int) -> None:
+    """The teacher's limits that would stop a run at its first request, not here."""
+    if cfg.teacher.top_k > info.max_top_k:
+        raise TrainingError(f"teacher.top_k={cfg.teacher.top_k} exceeds the teacher's max_top_k={info.max_top_k}")
+    if longest > info.max_context:
+        raise TrainingError(f"the longest rollout ({longest} tokens: prompt + train.max_new_tokens) exceeds the "
+                            f"teacher's max_context={info.max_context}; lower train.max_new_tokens")
+
+
+def _data(cfg: Config, tokenizer: Any) -> tuple[str, int]:
+    """A line on the data and the longest step-1 prompt in tokens."""
+    data = TaskData(cfg.data, tokenizer)
+    batch = data.train_batch(0, cfg.train.batch_size)
+    lens = [len(tokenizer(p.prompt, add_special_tokens=False)["input_ids"]) for p in batch]
+    pool = f", {len(data._math.train)} training problems" if data._math else ""
+    line = (f"{cfg.data.task}{pool}; step 1: {len(batch)} prompts of {min(lens)}-{max(lens)} tokens "
+            f"(mean {sum(lens) / len(lens):.1f}); eval {len(data.eval_set())} problems, probe {len(data.probe_set())}")
+    return line, max(lens)
+
+
+def _checkpoints(cfg: Config, out: Path, ckpt: Path | None, resume: bool) -> str:
+    t = cfg.train
+    every = f"every {t.save_every} steps and at the end" if t.save_every else "at the end"
+    line = f"{out / 'checkpoints'}/step_NNNNNN {every}, newest {t.keep_checkpoints} kept"
+    if resume:
+        return line + f"; --resume continues from {ckpt.name}"
+    existing = checkpoint.latest(out / "checkpoints")
+    if existing is not None:
+        line += f"; {existing.name} is already there: without --resume the run starts over from step 0"
+    return line
+
+
+async def check(cfg: Config, resume: bool = False) -> list[str]:
+    """The plan as lines ("key  value"); a TrainingError, TeacherError or ModelSourceError at the first problem."""
+    out = Path(cfg.train.out_dir)
+    found = startup.check_sources(cfg, student=not resume)
+    ckpt = checkpoint.latest(out / "checkpoints") if resume else None
+    if resume and ckpt is None:
+        raise TrainingError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    source = str(ckpt) if ckpt else cfg.student.path
+    startup.say(f"loading the student from {source}")
+    student = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.student.dtype))
+    student.to(cfg.student.device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    params = sum(p.numel() for p in student.parameters())
+    how = {"local": "local folder", "cache": "hub id, cached", "hub": "hub id"}.get(found.get("student.path"),
+                                                                                 "checkpoint")
+    lines = [("student", f"{source} ({how}): {params / 1e6:.2f}M parameters, {cfg.student.dtype} on "
+                         f"{cfg.student.device}")]
+    data_line, longest_prompt = _data(cfg, tokenizer)
+    local = None
+    if cfg.teacher.url is None:
+        log = Path(tempfile.gettempdir()) / f"trb-check-teacher-{out.name}.log"
+        local = startup.start_local_teacher(cfg, log)
+    try:
+        async with TeacherClient(cfg.teacher.urls or [local.url], client_id="trainer:check",
+                                 timeout=cfg.teacher.timeout_s, api_key=cfg.teacher.api_key) as client:
+            info = await startup.connect(client, cfg, tokenizer)
+    finally:
+        if local is not None:
+            local.stop()
+    _teacher_limits(cfg, info, longest_prompt + cfg.train.max_new_tokens)
+    where = f"{', '.join(cfg.teacher.urls)}: {info.model}" if cfg.teacher.urls else \
+        f"{cfg.teacher.model} (a local server, started and stopped)"
+    t = cfg.train
+    evals = f"every {t.eval_every} steps, " if t.eval_every else ""
+    lines += [("teacher", f"{where}: {info.backend}, vocab {info.vocab_size}, max_context {info.max_context}, "
+                          f"tokenizer fingerprint {info.tokenizer_fingerprint} = the student's"),
+              ("method", _method(cfg)),
+              ("data", data_line),
+              ("run", f"{t.steps} steps x {t.batch_size} rollouts = {t.steps * t.batch_size} rollouts of up to "
+                      f"{t.max_new_tokens} new tokens ({t.steps * t.batch_size * t.max_new_tokens:,} at most), "
+                      f"teacher top-{cfg.teacher.top_k}"),
+              ("eval", f"{'' if resume else 'at the start, '}{evals}at the end: accuracy and probe KL"),
+              ("checkpoints", _checkpoints(cfg, out, ckpt, resume))]
+    return [f"  {key:<12} {value}" for key, value in lines]

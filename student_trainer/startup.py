@@ -1,0 +1,71 @@
+"""What the trainer does before its first step, and what it says meanwhile.
+
+The usual first-hour mistakes (a model path that is not there, a teacher that is not up, a wrong
+API key, two tokenizers) should each end in one line that names the key at fault, and a wait
+should never be silent. The run (train.py) and the dry run (`trb-train --check`, dry_run.py)
+go through these same steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.model_source import check_model_source
+from student_trainer.config import Config
+
+if TYPE_CHECKING:  # torch comes with these: the CLI checks model paths before paying for it
+    from shared.protocol import ModelInfo
+    from student_trainer.local_teacher import LocalTeacher
+    from student_trainer.teacher_client import TeacherClient
+
+Report = Callable[[str], None]
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (stdout stays for what a command is asked to print)."""
+    print(f"trb-train: {message}", file=sys.stderr, flush=True)
+
+
+def quiet(message: str) -> None:
+    """For ranks other than the first under torchrun: one voice is enough."""
+
+
+def check_sources(cfg: Config, student: bool = True) -> dict[str, str]:
+    """How each model reference will be read ('local', 'cache', 'hub'); ModelSourceError names the bad one."""
+    found = {}
+    if student:
+        found["student.path"] = check_model_source("student.path", cfg.student.path)
+    if cfg.teacher.url is None and cfg.teacher.model is not None:
+        found["teacher.model"] = check_model_source("teacher.model", cfg.teacher.model)
+    return found
+
+
+def start_local_teacher(cfg: Config, log: Path, report: Report = say) -> LocalTeacher:
+    """`trb-teacher serve` for teacher.model on a free loopback port; a failed start is a TeacherError."""
+    from student_trainer.local_teacher import LocalTeacher
+    from student_trainer.teacher_client import TeacherError
+
+    report(f"teacher.url is null: starting a teacher server for {cfg.teacher.model} (log: {log})")
+    teacher = LocalTeacher(cfg.teacher.model, threads=cfg.teacher.threads, log=log)
+    try:
+        return teacher.wait_ready(cfg.teacher.ready_timeout_s, report=report)
+    except (RuntimeError, TimeoutError) as exc:
+        teacher.stop()
+        raise TeacherError(f"{exc}{_last_line(log)}") from exc
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f"; its last line: {lines[-1].strip()}" if lines else ""
+
+
+async def connect(client: TeacherClient, cfg: Config, tokenizer: Any, report: Report = say) -> ModelInfo:
+    """Wait for the teacher (saying why while it is not ready), then refuse a tokenizer mismatch."""
+    await client.wait_ready(cfg.teacher.ready_timeout_s, report=report)
+    return await client.check_tokenizer(tokenizer)
