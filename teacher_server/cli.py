@@ -12,7 +12,7 @@ import sys
 
 from pydantic import ValidationError
 
-from teacher_server.auth import load_keys
+from teacher_server.auth import load_keys, load_secret
 from teacher_server.settings import ServerSettings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sglang-engine", action="store_true", default=None,
                        help="Run sglang.Engine in this process instead of --sglang-url (GPU only).")
     serve.add_argument("--sglang-vocab-size", type=int, default=None)
+    serve.add_argument("--sglang-api-key-file", default=None, help="File holding the --api-key of the SGLang "
+                       "server; or set TRB_TEACHER_SGLANG_API_KEY.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = ServerSettings(**overrides)
         keys = load_keys(cfg.api_keys, cfg.api_keys_file)
+        load_secret(None, cfg.sglang_api_key_file, "SGLang API key")  # fail now on an unreadable file
     except (ValidationError, ValueError) as exc:
         sys.exit(f"trb-teacher: bad settings:\n{exc}")
     if not keys and args.host not in LOOPBACK and not args.insecure_no_auth:
