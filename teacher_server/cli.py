@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(exc: Exception) -> str:
+    """The problems without the input values, which may hold API keys."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in exc.errors(include_input=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = load_keys(cfg.api_keys, cfg.api_keys_file)
         load_secret(None, cfg.sglang_api_key_file, "SGLang API key")  # fail now on an unreadable file
     except (ValidationError, ValueError) as exc:
-        sys.exit(f"trb-teacher: bad settings:\n{exc}")
+        sys.exit(f"trb-teacher: bad settings:\n{_describe(exc)}")
     if not keys and args.host not in LOOPBACK and not args.insecure_no_auth:
         sys.exit(f"trb-teacher: refusing to listen on {args.host} without API keys; set TRB_TEACHER_API_KEYS "
                  "or --api-keys-file, or pass --insecure-no-auth on a trusted network")

@@ -410,3 +410,14 @@ def test_settings_need_exactly_one_sglang_target() -> None:
         ServerSettings(model="m", backend="sglang", sglang_engine=True, sglang_api_key=KEY)
     cfg = ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:30000", sglang_api_key=KEY)
     assert KEY not in repr(cfg) and KEY not in str(cfg.model_dump())
+
+
+def test_cli_never_prints_the_sglang_key(tiny_model: Path) -> None:
+    from conftest import REPO
+
+    env = {**os.environ, "TRB_TEACHER_SGLANG_API_KEY": "zq9xk-secret-0123", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(tiny_model),
+                           "--backend", "sglang", "--sglang-engine"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "only a server at sglang_url takes an API key" in proc.stderr
+    assert "zq9x" not in proc.stderr + proc.stdout  # pydantic's message shows the input (the key's start)
