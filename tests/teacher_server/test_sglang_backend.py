@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,20 @@ class FakeSGLang:
     def requests(self) -> list[dict]:
         return httpx.get(f"{self.url}/fake/requests").json()
 
+    def wait_up(self, timeout_s: float = 120) -> None:
+        """Until it answers (on a route of its own, so /health still starts with its 503s)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.requests()
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+
     def generate(self, body: dict, key: str | None = KEY) -> httpx.Response:
+        self.wait_up()  # a test may run alone, before anything else waited for the fake
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.post(f"{self.url}/generate", json=body, headers=headers, timeout=30)
 
@@ -328,10 +342,10 @@ def test_fake_follows_the_documented_protocol(fake: FakeSGLang) -> None:
 
 
 def test_fake_enforces_sglang_limits_on_the_whole_batch(fake: FakeSGLang) -> None:
-    info = httpx.get(f"{fake.url}/server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert info["max_req_input_len"] == LIMIT + 1 and info["context_length"] == CONTEXT and info["dtype"] == "auto"
     ok = {"return_logprob": True, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}}
     assert fake.generate({**ok, "input_ids": [[1] * LIMIT, [2]]}).status_code == 200
+    info = httpx.get(f"{fake.url}/server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["max_req_input_len"] == LIMIT + 1 and info["context_length"] == CONTEXT and info["dtype"] == "auto"
     for n, words in ((LIMIT + 1, "maximum allowed length"), (CONTEXT, "context length")):
         resp = fake.generate({**ok, "input_ids": [[1, 2], [1] * n, [3]]})  # one item fails all three
         assert resp.status_code == 400 and words in resp.json()["error"]["message"], resp.text
