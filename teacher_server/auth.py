@@ -41,6 +41,16 @@ def load_keys(inline: str | None, file: str | None) -> dict[str, str]:
     return keys
 
 
+def load_secret(inline: str | None, file: str | None, source: str) -> str | None:
+    """One secret from a setting or, taking precedence, a file (whitespace around it dropped)."""
+    if file:
+        try:
+            inline = Path(file).read_text()
+        except OSError as exc:
+            raise KeyError_(f"cannot read {source} file {file}: {exc}") from exc
+    return (inline or "").strip() or None
+
+
 def key_name(keys: dict[str, str], authorization: str | None, x_api_key: str | None) -> str | None:
     """The name of the presented key, or None; compares secrets in constant time."""
     presented = x_api_key or ""

@@ -13,7 +13,7 @@ import sys
 from pydantic import ValidationError
 
 from shared.model_source import ModelSourceError, check_model_source
-from teacher_server.auth import load_keys
+from teacher_server.auth import load_keys, load_secret
 from teacher_server.settings import ServerSettings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sglang-engine", action="store_true", default=None,
                        help="Run sglang.Engine in this process instead of --sglang-url (GPU only).")
     serve.add_argument("--sglang-vocab-size", type=int, default=None)
+    serve.add_argument("--sglang-api-key-file", default=None, help="File holding the --api-key of the SGLang "
+                       "server; or set TRB_TEACHER_SGLANG_API_KEY.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
@@ -55,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(exc: Exception) -> str:
+    """The problems without the input values, which may hold API keys."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in exc.errors(include_input=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
@@ -62,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = ServerSettings(**overrides)
         keys = load_keys(cfg.api_keys, cfg.api_keys_file)
+        load_secret(None, cfg.sglang_api_key_file, "SGLang API key")  # fail now on an unreadable file
     except (ValidationError, ValueError) as exc:
-        sys.exit(f"trb-teacher: bad settings:\n{exc}")
+        sys.exit(f"trb-teacher: bad settings:\n{_describe(exc)}")
     try:
         check_model_source("--model", cfg.model)
     except ModelSourceError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +16,10 @@ class ServerSettings(BaseSettings):
     sglang_url: str | None = Field(None, description="URL of a running SGLang server (backend sglang).")
     sglang_engine: bool = Field(False, description="Run sglang.Engine in-process instead (backend sglang).")
     sglang_vocab_size: int | None = Field(None, description="Vocab size when the model config lacks it.")
+    sglang_api_key: SecretStr | None = Field(None, description="The --api-key of the SGLang server, sent as a "
+                                             "Bearer token (prefer sglang_api_key_file).")
+    sglang_api_key_file: str | None = Field(None, description="A file holding that key (surrounding whitespace "
+                                            "is dropped).")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     served_name: str | None = None
@@ -50,4 +54,6 @@ class ServerSettings(BaseSettings):
     def _sglang_target(self) -> ServerSettings:
         if self.backend == "sglang" and bool(self.sglang_url) == self.sglang_engine:
             raise ValueError("backend sglang needs exactly one of sglang_url or sglang_engine")
+        if (self.sglang_api_key or self.sglang_api_key_file) and not self.sglang_url:
+            raise ValueError("sglang_api_key: only a server at sglang_url takes an API key")
         return self

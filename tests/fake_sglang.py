@@ -1,33 +1,60 @@
 """A protocol-faithful fake of SGLang's native `/generate` logprob API, backed by a transformers model.
 
-It models the subset the SGLang backend uses, with SGLang 0.5.23's behaviour as written in
-/work/shared/docs/sglang-api.md: batches answer a JSON list in input order; entries are
-`[logprob, token_id, null]`; with `logprob_start_len = s` each input list has `L - s` entries and entry 0
-(about token s) is null; `output_*` lists cover the generated tokens (after temperature); top-k only,
-never full logits; `cached_tokens` from a prefix cache, capped at `s`. It is stricter than SGLang in one
-way: any `sampling_params` key other than max_new_tokens and temperature is a 400 (SGLang's answer to
-unknown keys), so a backend that starts sending e.g. top_p fails here instead of silently passing.
+It models the subset the SGLang backend uses, with SGLang 0.5.23's behaviour as listed (with source
+files) in docs/sglang.md: batches answer a JSON list in input order; entries are `[logprob, token_id,
+null]`; with `logprob_start_len = s` each input list has `L - s` entries and entry 0 (about token s) is
+null; `input_token_logprobs` reports ids >= vocab_size - 1 as 0; `output_*` lists cover the generated
+tokens (after temperature); top-k only, never full logits; `cached_tokens` from a prefix cache, capped
+at `s`. Limits: a prompt with L >= context_len or L >= max_req_input_len (min(context_len - 1,
+KV tokens - 1) - 5, reported by /server_info) fails its whole batch with a 400, or is cut short with
+--allow-auto-truncate. Error bodies: `{"error": "..."}` for a body that breaks the schema (e.g. an
+unknown `sampling_params` key) or a missing API key, `{"error": {"message": ...}}` for a refused
+request. `--api-key` guards every route but /health* and /ready; /health answers 503 for its first
+`--starting-health-calls` calls, as while SGLang starts.
 
-`python tests/fake_sglang.py --model DIR --port N [--default-temperature T]`. `GET /fake/requests` (not
-SGLang) lists what was asked and the cached_tokens answered, for the tests.
+It is stricter than SGLang in one way: any `sampling_params` key other than max_new_tokens and
+temperature is a 400 (SGLang's answer to unknown keys), so a backend that starts sending e.g. top_p
+fails here instead of silently passing.
+
+`python tests/fake_sglang.py --model DIR --port N [--context-length N] [--api-key K] ...`.
+`GET /fake/requests` (not SGLang, no key needed) lists what was asked and the cached_tokens answered.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from transformers import AutoModelForCausalLM
 
 SAMPLING_KEYS = {"max_new_tokens", "temperature"}  # the ones modelled; any other key answers 400
 
 
 class BadRequest(ValueError):
-    """SGLang answers these with HTTP 400 {"error": message}."""
+    """Refused by SGLang's tokenizer manager or scheduler: HTTP 400 {"error": {"message": ...}}."""
+
+
+class ContractError(BadRequest):
+    """A body that breaks SGLang's JSON schema: HTTP 400 {"error": "..."}."""
+
+
+@dataclass
+class Options:
+    """SGLang's launch flags that the fake models (`sglang serve --context-length ...`)."""
+
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    max_total_tokens: int = 1 << 20  # the KV pool's size in tokens
+    allow_auto_truncate: bool = False
+    api_key: str | None = None
+    preferred_sampling_params: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"
+    starting_health_calls: int = 0
 
 
 def _lp(x: float) -> float | None:
@@ -68,12 +95,31 @@ class PrefixCache:
 
 
 class FakeSGLang:
-    def __init__(self, model_dir: str, default_temperature: float) -> None:
-        self.model_dir, self.default_temperature = model_dir, default_temperature
+    def __init__(self, model_dir: str, options: Options) -> None:
+        self.model_dir, self.options = model_dir, options
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.vocab = self.model.get_output_embeddings().weight.shape[0]
+        config = self.model.config.get_text_config()
+        self.config_vocab = config.vocab_size  # SGLang's ModelConfig.vocab_size
+        self.context_len = options.context_length or config.max_position_embeddings
+        self.max_req_input_len = min(self.context_len - 1, options.max_total_tokens - 1) - 5
+        self.health_calls = 0
         self.cache = PrefixCache()
         self.log: list[dict[str, Any]] = []
+
+    def fit(self, ids: list[int]) -> list[int]:
+        """The two length checks: the tokenizer manager's (context_len) and the scheduler's."""
+        L = len(ids)
+        if L >= self.context_len and not self.options.allow_auto_truncate:
+            raise BadRequest(f"The input ({L} tokens) is longer than the model's context length "
+                             f"({self.context_len} tokens).")
+        if L >= self.max_req_input_len:
+            if not self.options.allow_auto_truncate:
+                raise BadRequest(f"Input length ({L} tokens) exceeds the maximum allowed length "
+                                 f"({self.max_req_input_len} tokens). Use a shorter input or enable "
+                                 "--allow-auto-truncate.")
+            return ids[:self.max_req_input_len]
+        return ids
 
     @torch.inference_mode()
     def logprobs(self, ids: list[int], temperature: float = 1.0) -> torch.Tensor:
@@ -83,18 +129,23 @@ class FakeSGLang:
 
     def item(self, ids: Any, sp: Any, s: int, k: int, token_ids: list[int] | None) -> dict[str, Any]:
         """One batch item, validated first: a bad item fails the whole batch, as in SGLang."""
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-            raise BadRequest("input_ids must be a non-empty list of token ids")
+        sent = sp  # logged as sent, before the preferred sampling params are merged in
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ContractError("input_ids must be a list of token ids")
+        if not ids:
+            raise BadRequest("input_ids cannot be empty.")
         if any(not 0 <= t < self.vocab for t in ids):
             raise BadRequest("input_ids holds a token id outside the vocabulary")
         if not isinstance(sp, dict):
-            raise BadRequest("sampling_params must be an object")
+            raise ContractError("sampling_params must be an object")
         if set(sp) - SAMPLING_KEYS:
-            raise BadRequest(f"unknown sampling_params: {sorted(set(sp) - SAMPLING_KEYS)}")
+            raise ContractError(f"unknown field `{sorted(set(sp) - SAMPLING_KEYS)[0]}` in sampling_params")
         if not isinstance(s, int) or not isinstance(k, int) or not isinstance(sp.get("max_new_tokens", 16), int):
-            raise BadRequest("logprob_start_len, top_logprobs_num and max_new_tokens must be integers")
+            raise ContractError("logprob_start_len, top_logprobs_num and max_new_tokens must be integers")
+        sp = {**self.options.preferred_sampling_params, **sp}  # native /generate merges only these
+        ids = self.fit(ids)
         L, n_new = len(ids), sp.get("max_new_tokens", 16)
-        temperature = float(sp.get("temperature", self.default_temperature))
+        temperature = float(sp.get("temperature", 1.0))
         s = L - 1 if s == -1 else s
         if not 0 <= s <= L:
             raise BadRequest(f"logprob_start_len {s} is outside 0..{L} (the prompt length)")
@@ -103,7 +154,7 @@ class FakeSGLang:
         if token_ids is not None and any(not 0 <= t < self.vocab for t in token_ids):
             raise BadRequest("token_ids_logprob holds an id outside the vocabulary")
         return dict(ids=ids, L=L, s=s, k=k, n_new=n_new, temperature=temperature, token_ids=token_ids,
-                    sampling_params=sp)
+                    sampling_params=sent)
 
     def run(self, it: dict[str, Any], return_logprob: bool) -> dict[str, Any]:
         ids, L, s, k, token_ids = it["ids"], it["L"], it["s"], it["k"], it["token_ids"]
@@ -112,8 +163,9 @@ class FakeSGLang:
         meta: dict[str, Any] = {"prompt_tokens": L, "cached_tokens": cached}
         if return_logprob:
             rows = range(s, L)  # entry i is about token s + i; its distribution is row s + i - 1
-            meta["input_token_logprobs"] = [[None, ids[p], None] if p == s else _entry(lp_L_V[p - 1], ids[p])
-                                            for p in rows]
+            last = self.config_vocab - 1  # SGLang's logprob result processor reports ids >= last as 0
+            meta["input_token_logprobs"] = [[None if p == s else _lp(float(lp_L_V[p - 1, ids[p]])),
+                                             ids[p] if ids[p] < last else 0, None] for p in rows]
             if k > 0:
                 meta["input_top_logprobs"] = [None if p == s else _top(lp_L_V[p - 1], k) for p in rows]
             if token_ids is not None:
@@ -180,26 +232,43 @@ def generate_response(fake: FakeSGLang, body: dict[str, Any]) -> Any:
 def create_app(fake: FakeSGLang) -> FastAPI:
     app = FastAPI(title="fake SGLang")
 
+    @app.middleware("http")
+    async def api_key(request: Request, call_next: Any) -> Response:
+        """SGLang's --api-key: a Bearer token on every route but /health*, /ready and /metrics."""
+        free = request.url.path.startswith(("/health", "/ready", "/metrics", "/fake/"))
+        if fake.options.api_key and not free:
+            if request.headers.get("authorization", "") != f"Bearer {fake.options.api_key}":
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        return await call_next(request)
+
     @app.post("/generate")
     async def generate(request: Request) -> JSONResponse:
         try:
             return JSONResponse(generate_response(fake, await request.json()))
-        except BadRequest as exc:
+        except ContractError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except BadRequest as exc:
+            return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
 
     @app.get("/health")
     @app.get("/health_generate")
-    async def health() -> JSONResponse:
-        return JSONResponse({})
+    async def health() -> Response:
+        fake.health_calls += 1
+        return Response(status_code=503 if fake.health_calls <= fake.options.starting_health_calls else 200)
 
     @app.get("/model_info")
     async def model_info() -> dict[str, Any]:
         return {"model_path": fake.model_dir, "tokenizer_path": fake.model_dir, "is_generation": True,
+                "preferred_sampling_params": fake.options.preferred_sampling_params or None,
                 "architectures": list(fake.model.config.architectures or [])}
 
     @app.get("/server_info")
     async def server_info() -> dict[str, Any]:
-        return {"model_path": fake.model_dir, "dtype": "float32", "version": "0.5.23-fake"}
+        """The launch flags as given (dtype "auto" stays "auto") plus the scheduler's limits."""
+        o = fake.options
+        return {"model_path": fake.model_dir, "dtype": o.dtype, "context_length": o.context_length,
+                "allow_auto_truncate": o.allow_auto_truncate, "max_total_num_tokens": o.max_total_tokens,
+                "max_req_input_len": fake.max_req_input_len, "version": "0.5.23-fake"}
 
     @app.post("/flush_cache")
     async def flush_cache() -> dict[str, str]:
@@ -210,6 +279,10 @@ def create_app(fake: FakeSGLang) -> FastAPI:
     async def requests_seen() -> list[dict[str, Any]]:
         return fake.log
 
+    @app.get("/fake/health_calls")
+    async def health_calls() -> int:
+        return fake.health_calls
+
     return app
 
 
@@ -218,14 +291,21 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--default-temperature", type=float, default=1.0,
-                        help="What SGLang would take from the model's generation_config when none is sent.")
+    parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--max-total-tokens", type=int, default=1 << 20, help="The KV pool's size in tokens.")
+    parser.add_argument("--allow-auto-truncate", action="store_true")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--preferred-sampling-params", type=json.loads, default={})
+    parser.add_argument("--dtype", default="auto", help="Reported by /server_info only; the fake runs float32.")
+    parser.add_argument("--starting-health-calls", type=int, default=0,
+                        help="Answer 503 to this many /health calls first, as SGLang does while starting.")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import uvicorn
 
-    uvicorn.run(create_app(FakeSGLang(args.model, args.default_temperature)), host=args.host, port=args.port,
-                log_level="warning")
+    options = Options(args.context_length, args.max_total_tokens, args.allow_auto_truncate, args.api_key,
+                      args.preferred_sampling_params, args.dtype, args.starting_health_calls)
+    uvicorn.run(create_app(FakeSGLang(args.model, options)), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

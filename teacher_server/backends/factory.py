@@ -18,8 +18,11 @@ def load_backend(cfg: ServerSettings) -> Backend:
         return HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, name=cfg.served_name,
                          max_context=cfg.max_context)
     if cfg.backend == "sglang":
+        from teacher_server.auth import load_secret
         from teacher_server.backends.sglang import SGLangBackend
 
+        key = cfg.sglang_api_key.get_secret_value() if cfg.sglang_api_key else None
         return SGLangBackend(cfg.model, url=cfg.sglang_url, engine=cfg.sglang_engine, name=cfg.served_name,
-                             max_context=cfg.max_context, vocab_size=cfg.sglang_vocab_size, dtype=cfg.dtype)
+                             max_context=cfg.max_context, vocab_size=cfg.sglang_vocab_size, dtype=cfg.dtype,
+                             api_key=load_secret(key, cfg.sglang_api_key_file, "SGLang API key"))
     raise ValueError(f"unknown backend {cfg.backend!r}")

@@ -16,152 +16,30 @@ ids[:s+i]. For positions start..L-1 (n = L - start rows) we send s = start and r
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
 import numpy as np
-from pydantic import BaseModel, TypeAdapter
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, BackendInfo, SessionState, StepArrays, UnsupportedRequest
+from teacher_server.backends.sglang_transport import (
+    EngineTransport,
+    GenerateCall,
+    HTTPTransport,
+    MetaInfo,
+    Rows,
+    SGLangError,
+    max_prompt_len,
+    resolve_dtype,
+)
 
+log = logging.getLogger(__name__)
 ENTRY_BUDGET = 1 << 20  # positions x returned logprobs per /generate call: bounds SGLang's memory and our JSON
 TAIL_FLOOR = float(np.finfo(np.float32).tiny)  # mass floor so log(1 - sum(top)) never sees 0 or below
-Entry = tuple[float | None, int, str | None]  # [logprob, token_id, text]; a null logprob (orjson's -inf) is -inf
-Rows = list[list[Entry] | None]  # one entry list per position; null where SGLang has none (input entry 0)
-
-
-class SGLangError(RuntimeError):
-    """SGLang refused a call, or answered something that breaks the documented alignment."""
-
-
-class MetaInfo(BaseModel):
-    """The part of SGLang's `meta_info` we read (pydantic ignores the rest)."""
-
-    prompt_tokens: int
-    cached_tokens: int = 0
-    input_token_logprobs: list[Entry] = []
-    input_top_logprobs: Rows = []
-    output_top_logprobs: Rows = []
-    input_token_ids_logprobs: Rows = []
-    output_token_ids_logprobs: Rows = []
-
-
-class _Output(BaseModel):
-    meta_info: MetaInfo
-
-
-_OUTPUTS = TypeAdapter(list[_Output])
-
-
-def _validated(raw: Any, n: int, from_json: bool) -> list[MetaInfo]:
-    outs = _OUTPUTS.validate_json(raw) if from_json else _OUTPUTS.validate_python(raw)
-    if len(outs) != n:
-        raise SGLangError(f"SGLang answered {len(outs)} results for a batch of {n}")
-    return [o.meta_info for o in outs]
-
-
-@dataclass(frozen=True)
-class GenerateCall:
-    """One batched native `/generate` call, always with max_new_tokens = 1 (for the last position)."""
-
-    input_ids: list[list[int]]
-    logprob_start_len: list[int]
-    top_logprobs_num: int
-    token_ids_logprob: list[int] | None = None
-
-    def payload(self) -> dict[str, Any]:
-        """The body. temperature 1.0 is explicit: a model's generation_config may set another default,
-        and output logprobs (our last position) are taken after temperature."""
-        body: dict[str, Any] = {
-            "input_ids": self.input_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
-            "return_logprob": True, "logprob_start_len": self.logprob_start_len,
-            "top_logprobs_num": self.top_logprobs_num}
-        if self.token_ids_logprob:
-            body["token_ids_logprob"] = self.token_ids_logprob
-        return body
-
-
-class Transport(Protocol):
-    """How calls reach SGLang: blocking, from the scheduler's model thread."""
-
-    def generate(self, call: GenerateCall) -> list[MetaInfo]: ...
-
-    def close(self) -> None: ...
-
-
-class HTTPTransport:
-    """A running SGLang server (`sglang serve`): native `/generate` through a synchronous client."""
-
-    def __init__(self, url: str, timeout_s: float = 600.0, ready_timeout_s: float = 300.0) -> None:
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
-        deadline = time.monotonic() + ready_timeout_s
-        while not self._healthy():  # SGLang answers 503 while loading; our /ready stays 503 meanwhile
-            if time.monotonic() > deadline:
-                raise SGLangError(f"SGLang at {self.url} was not healthy after {ready_timeout_s:.0f}s")
-            time.sleep(0.2)
-        info = self.client.get("/server_info").json()
-        self.dtype = str(info.get("dtype", "auto")) if isinstance(info, dict) else "auto"
-
-    def _healthy(self) -> bool:
-        try:
-            return self.client.get("/health", timeout=5.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def generate(self, call: GenerateCall) -> list[MetaInfo]:
-        resp = self.client.post("/generate", json=call.payload())
-        if resp.status_code != 200:
-            raise SGLangError(f"SGLang /generate answered {resp.status_code}: {resp.text[:500]}")
-        return _validated(resp.content, len(call.input_ids), from_json=True)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class EngineTransport:
-    """An in-process `sglang.Engine`. UNTESTED with a real SGLang (it needs a GPU): CI drives the bridge
-    below with a stub Engine only.
-
-    Bridge: the Engine's tokenizer manager binds to the event loop it first runs on, while our calls
-    come from the scheduler's worker thread. So the transport owns one private loop on a daemon thread,
-    builds the Engine in a coroutine there (the Engine adopts the running loop) and runs every
-    `async_generate` on it with `run_coroutine_threadsafe(...).result()`. Off the main thread SGLang
-    skips its signal handlers (it logs a warning). `shutdown()` kills every child process of this
-    process; in the teacher server those are SGLang's own.
-    """
-
-    def __init__(self, model: str, dtype: str) -> None:
-        import sglang  # optional extra `sglang`; sets the uvloop policy and the spawn start method
-
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine-loop", daemon=True)
-        self._thread.start()
-
-        async def build() -> Any:
-            return sglang.Engine(model_path=model, dtype=dtype)
-
-        self.dtype = dtype
-        self.engine = self._run(build())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def generate(self, call: GenerateCall) -> list[MetaInfo]:
-        out = self._run(self.engine.async_generate(**call.payload()))
-        return _validated(out if isinstance(out, list) else [out], len(call.input_ids), from_json=False)
-
-    def close(self) -> None:
-        self.engine.shutdown()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+UNSAID_MARGIN = 7  # model context - longest prompt when SGLang does not report max_req_input_len (6 + 1)
 
 
 def tail_from_top(top_lp_N_K: np.ndarray) -> np.ndarray:
@@ -206,14 +84,25 @@ def _positions(meta: MetaInfo, field: str, n: int) -> Rows:
     return rows
 
 
+def as_reported(ids: list[int], vocab_size: int) -> list[int]:
+    """The token ids SGLang reports in input_token_logprobs for `ids`: its logprob result processor
+    writes 0 for any id >= vocab_size - 1 (meant for image-token hashes, it also hits the last real id).
+    The logprob itself is of the true token."""
+    return [t if t < vocab_size - 1 else 0 for t in ids]
+
+
 def sequence_scores(meta: MetaInfo, seq: list[int], start: int, top_k: int,
-                    token_ids: list[int] | None) -> SequenceScores:
-    """One sequence's scores from its `meta_info`, asked with logprob_start_len = start."""
+                    token_ids: list[int] | None, vocab_size: int) -> SequenceScores:
+    """One sequence's scores from its `meta_info`, asked with logprob_start_len = start.
+
+    `vocab_size` is SGLang's (the model config's `vocab_size`), for the id rewrite of `as_reported`.
+    """
     n, inputs = len(seq) - start, meta.input_token_logprobs
     if meta.prompt_tokens != len(seq) or len(inputs) != n:
         raise SGLangError(f"SGLang returned {len(inputs)} input entries for prompt length {meta.prompt_tokens}, "
-                          f"start {start}; expected {n} for length {len(seq)} (the L - s rule)")
-    if [e[1] for e in inputs] != seq[start:]:
+                          f"start {start}; expected {n} for length {len(seq)} (the L - s rule; a shorter "
+                          "prompt_tokens means SGLang truncated it, as with --allow-auto-truncate)")
+    if [e[1] for e in inputs] != as_reported(seq[start:], vocab_size):
         raise SGLangError("SGLang's input entries are not about the tokens sent: alignment is off")
     top_ids, top_lp = _topk(_positions(meta, "top_logprobs", n) if top_k else [[]] * n, top_k)
     token_lp = None if token_ids is None else _by_id(
@@ -251,23 +140,36 @@ class SGLangSession(SessionState):
 
 
 class SGLangBackend(Backend):
-    """Scores through SGLang. The model path is still read locally, for the tokenizer and the vocab size."""
+    """Scores through SGLang. The model path is still read locally, for the tokenizer and the vocab size.
+
+    `max_context` (what /v1/model advertises and every request is checked against) is SGLang's own
+    limit, so an over-long sequence gets our 422 naming it instead of SGLang's 400, which would fail
+    every sequence batched with it. `api_key` is the SGLang server's --api-key.
+    """
 
     def __init__(self, model: str, url: str | None = None, engine: bool = False, name: str | None = None,
-                 max_context: int | None = None, vocab_size: int | None = None, dtype: str = "auto") -> None:
+                 max_context: int | None = None, vocab_size: int | None = None, dtype: str = "auto",
+                 api_key: str | None = None) -> None:
         if bool(url) == engine:
             raise ValueError("the sglang backend needs exactly one of a server URL (--sglang-url) or --sglang-engine")
         from transformers import AutoConfig, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
         config = AutoConfig.from_pretrained(model).get_text_config()
-        limit = getattr(config, "max_position_embeddings", None) or 4096
         vocab = vocab_size or getattr(config, "vocab_size", None) or len(tokenizer)
-        self.transport: HTTPTransport | EngineTransport = HTTPTransport(url) if url else EngineTransport(model, dtype)
+        self.sglang_vocab = int(getattr(config, "vocab_size", None) or vocab)  # what SGLang's ModelConfig reads
+        self.transport: HTTPTransport | EngineTransport = (
+            HTTPTransport(url, api_key=api_key) if url else EngineTransport(model, dtype))
+        limit = max_prompt_len(self.transport.max_req_input_len, self.transport.context_len)
+        if limit is None:
+            limit = (getattr(config, "max_position_embeddings", None) or 4096) - UNSAID_MARGIN
+            log.warning("SGLang did not report max_req_input_len; assuming prompts up to %d tokens", limit)
+        config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         self.info = BackendInfo(
             name=name or model, backend="sglang", vocab_size=int(vocab),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_context=int(min(max_context or limit, limit)),
-            dtype=self.transport.dtype, device=f"sglang {url}" if url else "sglang engine", supports_full=False,
+            dtype=resolve_dtype(self.transport.dtype, config_dtype, getattr(config, "model_type", "") or ""),
+            device=f"sglang {url}" if url else "sglang engine", supports_full=False,
             kv_sessions=False)  # each extend re-sends the prefix; SGLang chunks its own prefills
 
     def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
@@ -293,7 +195,7 @@ class SGLangBackend(Backend):
         out: list[SequenceScores] = []
         for part in chunks([(len(seq) - start) * width for seq, start in items], ENTRY_BUDGET):
             call = GenerateCall([seq for seq, _ in items[part]], [start for _, start in items[part]], top_k, token_ids)
-            out += [sequence_scores(meta, seq, start, top_k, token_ids)
+            out += [sequence_scores(meta, seq, start, top_k, token_ids, self.sglang_vocab)
                     for meta, (seq, start) in zip(self.transport.generate(call), items[part], strict=True)]
         return out
 

@@ -3,19 +3,24 @@
 Three real processes on 127.0.0.1: the fake SGLang (tests/fake_sglang.py, the tiny model behind SGLang's
 native /generate), a `trb-teacher serve --backend sglang` pointed at it, and the `teacher` fixture
 (backend hf, same model). Both teachers must give the same answers at every position.
-The fake runs with a default temperature of 0.7 (as a model's generation_config may set) so a
-backend that forgot to send temperature 1.0 would get a different last position.
+The fake is launched the way a real deployment may be: with an API key, a context length of 64 (so
+SGLang's own limit, 57 tokens a prompt, is below the model's 512), preferred sampling params setting
+temperature 0.7 (a backend that forgot to send temperature 1.0 would get a different last position),
+and /health answering 503 while it "starts".
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -25,29 +30,62 @@ from pydantic import ValidationError
 from conftest import ServerProcess, free_port
 from shared import codec
 from shared.protocol import ScoreRequest, ScoreResponse, SessionStep
-from teacher_server.backends.sglang import TAIL_FLOOR, SGLangBackend, chunks, tail_from_top
+from teacher_server.backends.sglang import (
+    TAIL_FLOOR,
+    SGLangBackend,
+    as_reported,
+    chunks,
+    sequence_scores,
+    tail_from_top,
+)
+from teacher_server.backends.sglang_transport import (
+    GenerateCall,
+    MetaInfo,
+    SGLangError,
+    error_message,
+    max_prompt_len,
+    resolve_dtype,
+)
 from teacher_server.settings import ServerSettings
 
 FAKE = Path(__file__).resolve().parents[1] / "fake_sglang.py"
-SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, 31, 32, 33], [7]]
+LAST = 47  # the tiny model's last vocabulary id (vocab_size 48): SGLang reports it as 0 in input entries
+SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, LAST, 32, LAST], [7]]
 TOL = 1e-4  # same weights, both float32: they agree to ~1e-6 (real SGLang in bf16 would need far more)
+KEY = "sglang-test-key-0123"
+CONTEXT = 64  # the fake's --context-length
+LIMIT = min(CONTEXT - 1, (1 << 20) - 1) - 5 - 1  # max_req_input_len - 1: the longest prompt SGLang serves
 
 
 class FakeSGLang:
     """`python tests/fake_sglang.py` as a child process with one torch thread."""
 
-    def __init__(self, model: Path, log: Path) -> None:
+    def __init__(self, model: Path, log: Path, *extra: str) -> None:
         self.url = f"http://127.0.0.1:{(port := free_port())}"
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(FAKE), "--model", str(model), "--port", str(port), "--default-temperature", "0.7"],
+            [sys.executable, str(FAKE), "--model", str(model), "--port", str(port), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def requests(self) -> list[dict]:
         return httpx.get(f"{self.url}/fake/requests").json()
 
-    def generate(self, body: dict) -> httpx.Response:
-        return httpx.post(f"{self.url}/generate", json=body, timeout=30)
+    def wait_up(self, timeout_s: float = 120) -> None:
+        """Until it answers (on a route of its own, so /health still starts with its 503s)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.requests()
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+
+    def generate(self, body: dict, key: str | None = KEY) -> httpx.Response:
+        self.wait_up()  # a test may run alone, before anything else waited for the fake
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(f"{self.url}/generate", json=body, headers=headers, timeout=30)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -57,7 +95,9 @@ class FakeSGLang:
 
 @pytest.fixture(scope="module")
 def fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSGLang]:
-    server = FakeSGLang(tiny_model, tmp_path_factory.mktemp("logs") / "fake_sglang.log")
+    server = FakeSGLang(tiny_model, tmp_path_factory.mktemp("logs") / "fake_sglang.log",
+                        "--api-key", KEY, "--context-length", str(CONTEXT), "--starting-health-calls", "3",
+                        "--preferred-sampling-params", json.dumps({"temperature": 0.7}))
     yield server
     server.stop()
 
@@ -66,11 +106,17 @@ def fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def sglang_teacher(fake: FakeSGLang, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
                    request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """Started right after the fake: it waits for the fake's /health itself, so the two load together."""
-    log = tmp_path_factory.mktemp("logs") / "sglang_teacher.log"
-    server = ServerProcess(tiny_model, "--backend", "sglang", "--sglang-url", fake.url, log=log)
+    logs = tmp_path_factory.mktemp("logs")
+    (key_file := logs / "sglang.key").write_text(KEY + "\n")
+    server = ServerProcess(tiny_model, "--backend", "sglang", "--sglang-url", fake.url,
+                           "--sglang-api-key-file", str(key_file), log=logs / "sglang_teacher.log")
     request.getfixturevalue("teacher")  # the hf teacher loads while these two start
     yield server.wait_ready(120)
     server.stop()
+
+
+def backend(fake: FakeSGLang, tiny_model: Path, **kwargs: Any) -> SGLangBackend:
+    return SGLangBackend(str(tiny_model), url=fake.url, api_key=KEY, **kwargs)
 
 
 def post(url: str, path: str, body: object) -> httpx.Response:
@@ -86,8 +132,29 @@ def scores(url: str, body: dict) -> ScoreResponse:
 def test_model_info_matches_hf(sglang_teacher: ServerProcess, teacher: ServerProcess) -> None:
     ours, ref = (httpx.get(f"{s.url}/v1/model").json() for s in (sglang_teacher, teacher))
     assert ours["backend"] == "sglang" and ours["full_logprobs"] is False
-    for key in ("vocab_size", "tokenizer_fingerprint", "max_context"):
+    for key in ("vocab_size", "tokenizer_fingerprint"):
         assert ours[key] == ref[key]
+    # SGLang's limit from /server_info, not the model's 512; its --dtype "auto" resolved as SGLang does
+    # (a float32 checkpoint runs in float16), not shown as "auto".
+    assert ref["max_context"] == 512 and ours["max_context"] == LIMIT
+    assert ours["dtype"] == "float16"
+
+
+def test_over_long_sequence_is_refused_naming_the_limit(sglang_teacher: ServerProcess, teacher: ServerProcess,
+                                                         fake: FakeSGLang) -> None:
+    seen = len(fake.requests())
+    over = post(sglang_teacher.url, "/v1/score", {"sequences": [[1] * 10, [2] * (LIMIT + 1)], "top_k": 2})
+    assert over.status_code == 422, over.text
+    err = over.json()["error"]
+    assert err["field"] == "sequences.1" and str(LIMIT) in err["message"]
+    assert len(fake.requests()) == seen  # refused before SGLang saw it
+    body = {"sequences": [[3] * LIMIT, [1, 2]], "top_k": 4}  # exactly at the limit: served, and right
+    for a, b in zip(scores(sglang_teacher.url, body).results, scores(teacher.url, body).results, strict=True):
+        assert np.array_equal(a.top_ids, b.top_ids) and np.abs(a.top_logprobs - b.top_logprobs).max() <= TOL
+    sid = codec.decode(post(sglang_teacher.url, "/v1/sessions", {"sequences": [[1] * (LIMIT - 1)], "top_k": 2})
+                       .content, SessionStep).session_id
+    grow = post(sglang_teacher.url, f"/v1/sessions/{sid}/extend", {"tokens": [[4, 5]], "rows": [0]})
+    assert grow.status_code == 422 and str(LIMIT) in grow.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("start", "top_k"), [(0, 10), ([3, 0, 1, 0], 5), ([11, 2, 4, 0], 20)])
@@ -152,33 +219,74 @@ def test_backend_sends_only_known_sampling_params(sglang_teacher: ServerProcess,
     sent = fake.requests()[seen:]
     assert len(sent) == 2 and all(r["sampling_params"] == {"max_new_tokens": 1, "temperature": 1.0} for r in sent)
     bad = fake.generate({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1, "top_q": 0.5}})
-    assert bad.status_code == 400 and "top_q" in bad.json()["error"]
+    assert bad.status_code == 400 and "top_q" in bad.json()["error"]  # a schema error: {"error": "..."}
 
 
 def test_compatible_requests_share_one_generate_call(fake: FakeSGLang, tiny_model: Path) -> None:
-    backend = SGLangBackend(str(tiny_model), url=fake.url)
+    via_http = backend(fake, tiny_model)
     calls = []
-    generate = backend.transport.generate
-    backend.transport.generate = lambda call: calls.append(call) or generate(call)  # type: ignore[method-assign]
+    generate = via_http.transport.generate
+    via_http.transport.generate = lambda call: calls.append(call) or generate(call)  # type: ignore[method-assign]
     reqs = [ScoreRequest(sequences=SEQS[:2], top_k=4), ScoreRequest(sequences=SEQS[2:], start=[1, 0], top_k=4),
             ScoreRequest(sequences=SEQS[:1], top_k=4, token_ids=[3])]
-    out = backend.score(reqs)
+    out = via_http.score(reqs)
     assert [len(c.input_ids) for c in calls] == [4, 1] and calls[0].logprob_start_len == [0, 0, 1, 0]
     assert [r.start for r in out[1]] == [1, 0] and out[2][0].token_logprobs.shape == (len(SEQS[0]), 1)
-    backend.close()
+    via_http.close()
+
+
+def test_api_key_is_sent_and_a_missing_one_named(fake: FakeSGLang, tiny_model: Path) -> None:
+    denied = fake.generate({"input_ids": [1, 2]}, key=None)
+    assert denied.status_code == 401 and denied.json() == {"error": "Unauthorized"}
+    assert httpx.get(f"{fake.url}/health").status_code == 200  # SGLang lets health checks through
+    with pytest.raises(SGLangError, match="401.*Unauthorized.*SGLANG_API_KEY"):
+        SGLangBackend(str(tiny_model), url=fake.url)
+    with_key = backend(fake, tiny_model)
+    assert with_key.score([ScoreRequest(sequences=SEQS[:1], top_k=2)])[0][0].top_ids.shape == (len(SEQS[0]), 2)
+    with_key.close()
+
+
+def test_health_503_while_starting_is_waited_out(sglang_teacher: ServerProcess, fake: FakeSGLang) -> None:
+    # The fake answered 503 to its first three /health calls; the sglang teacher got ready all the same.
+    assert httpx.get(f"{fake.url}/fake/health_calls").json() > 3
+    assert httpx.get(f"{sglang_teacher.url}/ready").status_code == 200
 
 
 class StubEngine:
-    """Stands in for `sglang.Engine` (which needs a GPU): async_generate forwards to the fake server."""
+    """Stands in for `sglang.Engine` (which needs a GPU): async_generate forwards to the fake server.
+
+    Like the real one (engine.py, 0.5.23) it adopts the running loop when built, its synchronous
+    methods run `self.loop.run_until_complete` (so they fail when called while that loop runs), it
+    raises ValueError for a refused request, and its tokenizer manager holds the limits."""
 
     def __init__(self, url: str, **kwargs: object) -> None:
         self.url, self.kwargs, self.loop = url, kwargs, asyncio.get_running_loop()
+        self.tokenizer_manager = types.SimpleNamespace(max_req_input_len=30, context_len=CONTEXT)
         self.shut = False
 
     async def async_generate(self, **body: object) -> list:
         assert asyncio.get_running_loop() is self.loop, "every call must run on the loop the Engine was built on"
         async with httpx.AsyncClient() as client:
-            return (await client.post(f"{self.url}/generate", json=body)).json()
+            resp = await client.post(f"{self.url}/generate", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        if resp.status_code == 400:
+            raise ValueError(error_message(resp))
+        return resp.json()
+
+    def _sync(self) -> Any:
+        async def work() -> None:
+            return None
+
+        coro = work()
+        try:
+            return self.loop.run_until_complete(coro)
+        finally:
+            coro.close()
+
+    def get_server_info(self) -> dict:
+        return self._sync()
+
+    def open_session(self, capacity_of_str_len: int) -> str:
+        return self._sync()
 
     def shutdown(self) -> None:
         self.shut = True
@@ -188,13 +296,19 @@ def test_engine_transport_bridges_to_its_own_loop(fake: FakeSGLang, tiny_model: 
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=lambda **kw: StubEngine(fake.url, **kw)))
     via_engine = SGLangBackend(str(tiny_model), engine=True, dtype="bfloat16")
-    via_http = SGLangBackend(str(tiny_model), url=fake.url)
+    via_http = backend(fake, tiny_model)
+    assert via_engine.info.max_context == 29 and via_engine.info.dtype == "bfloat16"  # from its tokenizer manager
     req = ScoreRequest(sequences=SEQS, start=[2, 1, 0, 0], top_k=6, token_ids=[5])
     for a, b in zip(via_engine.score([req])[0], via_http.score([req])[0], strict=True):
         assert np.array_equal(a.top_ids, b.top_ids) and np.array_equal(a.top_logprobs, b.top_logprobs)
         assert np.array_equal(a.token_logprobs, b.token_logprobs)
     engine = via_engine.transport.engine  # type: ignore[union-attr]
     assert engine.kwargs == {"model_path": str(tiny_model), "dtype": "bfloat16"}
+    with pytest.raises(SGLangError, match="refused the call.*context length"):  # SGLang's ValueError, named
+        via_engine.transport.generate(GenerateCall([[1] * CONTEXT], [0], 1))  # type: ignore[union-attr]
+    for sync_method in (engine.get_server_info, lambda: engine.open_session(1024)):  # why only coroutines
+        with pytest.raises(RuntimeError, match="already running"):
+            sync_method()
     via_engine.close()
     via_http.close()
     assert engine.shut and not via_engine.transport._thread.is_alive()  # type: ignore[union-attr]
@@ -224,7 +338,25 @@ def test_fake_follows_the_documented_protocol(fake: FakeSGLang) -> None:
     for body in ({"input_ids": ids, "logprob_start_len": 6}, {"input_ids": []}, {"input_ids": [[1], []]},
                  {"input_ids": ids, "token_ids_logprob": [48]}):
         resp = fake.generate({"sampling_params": {"max_new_tokens": 1}, "return_logprob": True, **body})
-        assert resp.status_code == 400 and resp.json()["error"], body
+        assert resp.status_code == 400 and resp.json()["error"]["message"], body  # a refused request
+
+
+def test_fake_enforces_sglang_limits_on_the_whole_batch(fake: FakeSGLang) -> None:
+    ok = {"return_logprob": True, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}}
+    assert fake.generate({**ok, "input_ids": [[1] * LIMIT, [2]]}).status_code == 200
+    info = httpx.get(f"{fake.url}/server_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["max_req_input_len"] == LIMIT + 1 and info["context_length"] == CONTEXT and info["dtype"] == "auto"
+    for n, words in ((LIMIT + 1, "maximum allowed length"), (CONTEXT, "context length")):
+        resp = fake.generate({**ok, "input_ids": [[1, 2], [1] * n, [3]]})  # one item fails all three
+        assert resp.status_code == 400 and words in resp.json()["error"]["message"], resp.text
+
+
+def test_fake_reports_the_last_id_as_zero(fake: FakeSGLang) -> None:
+    ids = [LAST, 1, LAST, 46]
+    meta = meta_of(fake, {"input_ids": ids, "logprob_start_len": 0, "token_ids_logprob": [LAST]})
+    assert [e[1] for e in meta["input_token_logprobs"]] == [0, 1, 0, 46]
+    exact = [row[0][0] for row in meta["input_token_ids_logprobs"][1:]]  # the logprobs of LAST, at p = 1, 2, 3
+    assert meta["input_token_logprobs"][2][0] == pytest.approx(exact[1])  # the value is the true token's
 
 
 def test_tail_from_top_matches_exact_tail() -> None:
@@ -247,9 +379,59 @@ def test_chunks_cover_in_order_within_budget() -> None:
     assert all(sum(costs[p]) <= 6 or len(costs[p]) == 1 for p in parts) and list(chunks([], 6)) == []
 
 
+def test_reported_ids_and_scores_around_the_last_id() -> None:
+    assert as_reported([0, 46, 47, 48], 48) == [0, 46, 0, 0]
+    seq, entries = [5, 47, 6, 47], [[None, 5, None], [-1.5, 0, None], [-2.0, 6, None], [-0.5, 0, None]]
+    top = [None, [[-1.5, 47, None]], [[-2.0, 6, None]], [[-0.5, 47, None]]]
+    meta = MetaInfo(prompt_tokens=4, input_token_logprobs=entries, input_top_logprobs=top,
+                    output_top_logprobs=[[[-0.1, 3, None]]])
+    res = sequence_scores(meta, seq, 0, 1, None, vocab_size=48)
+    assert res.next_token_logprobs.tolist() == [-1.5, -2.0, -0.5] and res.top_ids[:, 0].tolist() == [47, 6, 47, 3]
+    with pytest.raises(SGLangError, match="alignment is off"):  # a real 0 where 47 was sent is still caught
+        sequence_scores(meta, seq, 0, 1, None, vocab_size=49)
+
+
+def test_a_truncated_prompt_is_an_error_not_a_shift() -> None:
+    meta = MetaInfo(prompt_tokens=3, input_token_logprobs=[[None, 1, None], [-1.0, 2, None], [-1.0, 3, None]])
+    with pytest.raises(SGLangError, match="truncated"):
+        sequence_scores(meta, [1, 2, 3, 4], 0, 0, None, vocab_size=48)
+
+
+def test_resolve_dtype_as_sglang_does() -> None:
+    import torch
+
+    assert resolve_dtype("auto", torch.float32) == "float16" and resolve_dtype("auto", None) == "float16"
+    assert resolve_dtype("auto", "float32", "gemma2") == "bfloat16"
+    assert resolve_dtype("auto", torch.bfloat16) == "bfloat16" and resolve_dtype("auto", "float16") == "float16"
+    assert resolve_dtype("half", torch.bfloat16) == "float16" and resolve_dtype("float", None) == "float32"
+
+
+def test_limits_and_error_messages() -> None:
+    assert max_prompt_len(34, None) == 33 and max_prompt_len(34, 30) == 29 and max_prompt_len(None, None) is None
+    refused = httpx.Response(400, json={"error": {"message": "Input length (9 tokens) exceeds ..."}})
+    schema = httpx.Response(400, json={"error": "unknown field `top_q`"})
+    assert error_message(refused).startswith("Input length") and error_message(schema) == "unknown field `top_q`"
+    assert error_message(httpx.Response(502, text="bad gateway")) == "bad gateway"
+
+
 def test_settings_need_exactly_one_sglang_target() -> None:
     with pytest.raises(ValidationError, match="exactly one"):
         ServerSettings(model="m", backend="sglang")
     with pytest.raises(ValidationError, match="exactly one"):
         ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:30000", sglang_engine=True)
     assert ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:30000").backend == "sglang"
+    with pytest.raises(ValidationError, match="only a server"):
+        ServerSettings(model="m", backend="sglang", sglang_engine=True, sglang_api_key=KEY)
+    cfg = ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:30000", sglang_api_key=KEY)
+    assert KEY not in repr(cfg) and KEY not in str(cfg.model_dump())
+
+
+def test_cli_never_prints_the_sglang_key(tiny_model: Path) -> None:
+    from conftest import REPO
+
+    env = {**os.environ, "TRB_TEACHER_SGLANG_API_KEY": "zq9xk-secret-0123", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "teacher_server.cli", "serve", "--model", str(tiny_model),
+                           "--backend", "sglang", "--sglang-engine"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "only a server at sglang_url takes an API key" in proc.stderr
+    assert "zq9x" not in proc.stderr + proc.stdout  # pydantic's message shows the input (the key's start)

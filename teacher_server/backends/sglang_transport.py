@@ -1,0 +1,209 @@
+"""How calls reach SGLang: a server over HTTP, or an in-process `sglang.Engine`.
+
+Both transports answer the same three things the backend needs: the parsed `meta_info` of a batched
+`/generate` call, the longest prompt SGLang accepts, and the dtype it runs the model in. Every SGLang
+behaviour relied on here is listed, with its source file, in docs/sglang.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+Entry = tuple[float | None, int, str | None]  # [logprob, token_id, text]; a null logprob (orjson's -inf) is -inf
+Rows = list[list[Entry] | None]  # one entry list per position; null where SGLang has none (input entry 0)
+DTYPE_NAMES = {"half": "float16", "float16": "float16", "float": "float32", "float32": "float32",
+               "bfloat16": "bfloat16"}  # SGLang's --dtype choices besides "auto"
+
+
+class SGLangError(RuntimeError):
+    """SGLang refused a call, or answered something that breaks the documented alignment."""
+
+
+class MetaInfo(BaseModel):
+    """The part of SGLang's `meta_info` we read (pydantic ignores the rest)."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+    input_token_logprobs: list[Entry] = []
+    input_top_logprobs: Rows = []
+    output_top_logprobs: Rows = []
+    input_token_ids_logprobs: Rows = []
+    output_token_ids_logprobs: Rows = []
+
+
+class _Output(BaseModel):
+    meta_info: MetaInfo
+
+
+_OUTPUTS = TypeAdapter(list[_Output])
+
+
+def _validated(raw: Any, n: int, from_json: bool) -> list[MetaInfo]:
+    outs = _OUTPUTS.validate_json(raw) if from_json else _OUTPUTS.validate_python(raw)
+    if len(outs) != n:
+        raise SGLangError(f"SGLang answered {len(outs)} results for a batch of {n}")
+    return [o.meta_info for o in outs]
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One batched native `/generate` call, always with max_new_tokens = 1 (for the last position)."""
+
+    input_ids: list[list[int]]
+    logprob_start_len: list[int]
+    top_logprobs_num: int
+    token_ids_logprob: list[int] | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The body. temperature 1.0 is explicit: output logprobs (our last position) are taken after
+        temperature, and an SGLang started with --preferred-sampling-params fills in the keys a request
+        leaves out (native /generate ignores generation_config; its own default is 1.0)."""
+        body: dict[str, Any] = {
+            "input_ids": self.input_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+            "return_logprob": True, "logprob_start_len": self.logprob_start_len,
+            "top_logprobs_num": self.top_logprobs_num}
+        if self.token_ids_logprob:
+            body["token_ids_logprob"] = self.token_ids_logprob
+        return body
+
+
+def resolve_dtype(launch: str, config_dtype: Any, model_type: str = "") -> str:
+    """The dtype SGLang runs the model in, from its `--dtype` (which /server_info reports as given,
+    e.g. "auto") and the model config's dtype: "auto" keeps the config's dtype, except that float32
+    checkpoints run in float16 (bfloat16 for gemma models). Mirrors model_config._get_and_verify_dtype."""
+    if launch != "auto":
+        return DTYPE_NAMES.get(launch, launch)
+    name = str(config_dtype).removeprefix("torch.") if config_dtype is not None else "float32"
+    if name == "float32":
+        return "bfloat16" if model_type.startswith("gemma") else "float16"
+    return name
+
+
+def max_prompt_len(max_req_input_len: int | None, context_len: int | None = None) -> int | None:
+    """The longest prompt SGLang serves: the tokenizer manager refuses L >= context_len and the
+    scheduler refuses L >= max_req_input_len (about min(context_len - 1, KV tokens - 1) - 5)."""
+    limits = [n - 1 for n in (max_req_input_len, context_len) if n is not None]
+    return min(limits) if limits else None
+
+
+def error_message(resp: httpx.Response) -> str:
+    """SGLang's reason: `{"error": {"message": ...}}` for a refused request, `{"error": "..."}` for a
+    body that breaks its schema or a missing API key."""
+    try:
+        err = resp.json().get("error")
+    except ValueError:
+        return resp.text[:500]
+    return str(err.get("message") if isinstance(err, dict) else err)[:500]
+
+
+class Transport(Protocol):
+    """How calls reach SGLang: blocking, from the scheduler's model thread."""
+
+    dtype: str  # SGLang's --dtype as launched ("auto" unless set)
+    max_req_input_len: int | None  # SGLang's own limit (None: it did not say)
+    context_len: int | None
+
+    def generate(self, call: GenerateCall) -> list[MetaInfo]: ...
+
+    def close(self) -> None: ...
+
+
+class HTTPTransport:
+    """A running SGLang server (`sglang serve`): native `/generate` through a synchronous client.
+
+    `api_key` is the server's `--api-key`, sent as `Authorization: Bearer ...` on every call (SGLang
+    lets /health through without it). It is kept in the client's headers only, never in a message.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0,
+                 ready_timeout_s: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        deadline = time.monotonic() + ready_timeout_s
+        while not self._healthy():  # SGLang answers 503 while starting; our /ready stays 503 meanwhile
+            if time.monotonic() > deadline:
+                raise SGLangError(f"SGLang at {self.url} was not healthy after {ready_timeout_s:.0f}s")
+            time.sleep(0.2)
+        resp = self.client.get("/server_info")
+        if resp.status_code != 200:
+            hint = " (is SGLang started with --api-key? set TRB_TEACHER_SGLANG_API_KEY or --sglang-api-key-file)"
+            raise SGLangError(f"SGLang /server_info answered {resp.status_code}: {error_message(resp)}"
+                              + (hint if resp.status_code in (401, 403) else ""))
+        info = resp.json()
+        self.dtype = str(info.get("dtype") or "auto")
+        self.max_req_input_len: int | None = info.get("max_req_input_len")
+        self.context_len: int | None = info.get("context_length")  # the launch flag; None: the model's
+
+    def _healthy(self) -> bool:
+        try:
+            return self.client.get("/health", timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def generate(self, call: GenerateCall) -> list[MetaInfo]:
+        resp = self.client.post("/generate", json=call.payload())
+        if resp.status_code != 200:
+            raise SGLangError(f"SGLang /generate answered {resp.status_code}: {error_message(resp)}")
+        return _validated(resp.content, len(call.input_ids), from_json=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class EngineTransport:
+    """An in-process `sglang.Engine`. UNTESTED with a real SGLang (it needs a GPU): CI drives the bridge
+    below with a stub Engine only.
+
+    Bridge: the Engine adopts the event loop running when it is built (`_ensure_event_loop`) and its
+    tokenizer manager stays bound to it, while our calls come from the scheduler's worker thread. So
+    the transport owns one private loop on a daemon thread, builds the Engine in a coroutine there and
+    runs every `async_generate` on it with `run_coroutine_threadsafe(...).result()`. Only coroutine
+    methods may be called that way: Engine's synchronous methods (`generate`, `get_server_info`,
+    `open_session`, `flush_cache`, ...) call `loop.run_until_complete` on that same loop, which fails
+    while it runs. So the limits are read as plain attributes of its tokenizer manager.
+
+    What loading SGLang does to this process: `import sglang` is cheap (`sglang.Engine` is a lazy
+    import); the first `sglang.Engine(...)` loads the engine module, which sets the process-wide uvloop
+    event loop policy (our loop already exists), and the Engine's launch sets the multiprocessing start
+    method to spawn (force=True). Off the main thread SGLang skips its SIGQUIT/SIGTERM handlers (it
+    logs a warning). `shutdown()` kills every child process of this process; in the teacher server's
+    model worker those are SGLang's own.
+    """
+
+    def __init__(self, model: str, dtype: str) -> None:
+        import sglang  # optional extra `sglang`
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-engine-loop", daemon=True)
+        self._thread.start()
+
+        async def build() -> Any:
+            engine = sglang.Engine(model_path=model, dtype=dtype)
+            manager = engine.tokenizer_manager
+            return engine, manager.max_req_input_len, manager.context_len
+
+        self.dtype = dtype
+        self.engine, self.max_req_input_len, self.context_len = self._run(build())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, call: GenerateCall) -> list[MetaInfo]:
+        try:
+            out = self._run(self.engine.async_generate(**call.payload()))
+        except ValueError as exc:  # what SGLang's HTTP server would answer as a 400
+            raise SGLangError(f"SGLang refused the call: {exc}") from exc
+        return _validated(out if isinstance(out, list) else [out], len(call.input_ids), from_json=False)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
