@@ -125,6 +125,8 @@ def static_unsupported(model: torch.nn.Module) -> str | None:
     config = model.config
     if DynamicLayer is None:
         return "this transformers release has no cache layer API"
+    if "FSDP" in type(model).__name__:
+        return "a sharded module gathers its weights inside each forward"
     attn = getattr(config, "_attn_implementation", None) or "eager"
     if attn not in ("sdpa", "eager"):
         return f"attention implementation {attn!r} takes no 4D float mask"

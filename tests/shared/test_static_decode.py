@@ -50,7 +50,8 @@ def _drive(decoders: list, vocab: int, steps: int = 24) -> float:
         if t in (6, 11, 17):
             active = active[1:]  # rows stop at different steps and stay as masked columns
         if t % 5 == 4:
-            rows, toks = active[:2], [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (3, 1)][: len(active)]
+            rows = active[:2]
+            toks = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (3, 1)][: len(rows)]
         else:  # every third step some rows sit out (a masked column), as in a teacher session
             rows = active[::2] if t % 3 == 2 else active
             toks = [[int(x)] for x in torch.randint(4, vocab, (len(rows),), generator=gen)]
@@ -137,8 +138,8 @@ def test_hf_backend_sessions_equal_with_either_decoder(tiny_model):
     for kind in ("eager", "static"):
         backend = HFBackend(str(tiny_model), decoder=kind)
         state, first = backend.open_session([[5, 6, 7], [8, 9]], top_k=4)
-        later = [backend.extend_session(state, [0, 1], [[10], [11]], 4), backend.extend_session(state, [1], [[12, 13]], 4),
-                 backend.extend_session(state, [0], [[14]], 4)]
+        later = [backend.extend_session(state, rows, toks, 4)
+                 for rows, toks in (([0, 1], [[10], [11]]), ([1], [[12, 13]]), ([0], [[14]]))]
         steps.append([first, *later])
         assert state.lengths == [5, 5]
     for a, b in zip(*steps, strict=True):
