@@ -64,7 +64,7 @@ def build_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     torch.manual_seed(0)
     with torch.device(device), _default_dtype(dtype):
         model = Qwen3ForCausalLM(Qwen3Config(**SHAPES[shape]))
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()  # no .to(dtype): the rotary table stays float32, as from_pretrained leaves it
 
 
 def new_decoder(model: torch.nn.Module, kind: str, capacity: int) -> KVDecoder | StaticKVDecoder:
