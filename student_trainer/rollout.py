@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from shared.kv_decode import KVDecoder
+from shared.static_decode import make_decoder
 from student_trainer.behaviors import Behavior, StepDiagnostics
 from student_trainer.row_generators import Generator, rows_of
 from student_trainer.teacher_client import TeacherClient
@@ -89,7 +89,7 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     if use_teacher and teacher is None:
         raise ValueError(f"behavior {behavior.name!r} at eps={eps} needs a teacher client")
     batch = len(prompts)
-    decoder = KVDecoder(student, pad_id)
+    decoder = make_decoder(student, pad_id, capacity=max(map(len, prompts)) + max_new_tokens)
     session_task = await _send(teacher.open_session(prompts, top_k), overlap) if use_teacher else None
     logits_A_V = decoder.prefill(prompts)
     session = await session_task if session_task else None

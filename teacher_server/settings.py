@@ -22,6 +22,9 @@ class ServerSettings(BaseSettings):
                                             "is dropped).")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    decoder: Literal["auto", "eager", "static"] = Field(
+        "auto", description="Session decoder (hf backend): auto is the static cache with a captured step on "
+        "CUDA, eager elsewhere.")
     served_name: str | None = None
     max_top_k: int = 100
     max_context: int | None = None

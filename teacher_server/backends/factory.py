@@ -16,7 +16,7 @@ def load_backend(cfg: ServerSettings) -> Backend:
         from teacher_server.backends.hf import HFBackend
 
         return HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, name=cfg.served_name,
-                         max_context=cfg.max_context)
+                         max_context=cfg.max_context, decoder=cfg.decoder)
     if cfg.backend == "sglang":
         from teacher_server.auth import load_secret
         from teacher_server.backends.sglang import SGLangBackend

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.kv_decode import KVDecoder
+from shared.static_decode import DecoderKind, StaticKVDecoder, make_decoder
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import (
     Backend,
@@ -33,7 +34,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class HFSession(SessionState):
     """A session is a KV decoder over the session's rows."""
 
-    def __init__(self, decoder: KVDecoder) -> None:
+    def __init__(self, decoder: KVDecoder | StaticKVDecoder) -> None:
         self.decoder = decoder
 
     @property
@@ -47,9 +48,9 @@ class HFSession(SessionState):
 
 class HFBackend(Backend):
     def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", name: str | None = None,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, decoder: DecoderKind = "auto") -> None:
         torch_dtype = "auto" if dtype == "auto" else _DTYPES[dtype]
-        self.device = torch.device(device)
+        self.device, self.decoder = torch.device(device), decoder
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -120,7 +121,9 @@ class HFBackend(Backend):
 
     # ---- sessions ------------------------------------------------------------------------
     def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[HFSession, StepArrays]:
-        session = HFSession(KVDecoder(self.model, self.pad_id))
+        # No capacity is known up front (the client decides how long a session runs): the static
+        # buffers start at the prompt plus headroom and double, each doubling recaptures the step.
+        session = HFSession(make_decoder(self.model, self.pad_id, kind=self.decoder))
         return session, self._top(session.decoder.prefill(sequences), top_k)
 
     def extend_session(self, state: HFSession, rows: list[int], tokens: list[list[int]], top_k: int) -> StepArrays:
