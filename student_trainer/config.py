@@ -25,9 +25,13 @@ class StudentCfg(_Section):
     """The model being distilled."""
 
     path: str = Field(description="Student checkpoint (local path or hub id); its tokenizer must match the teacher's.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Student weights and compute dtype.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Student weights and AdamW states (the "
+                                                  "master copy under train.precision=bf16-mixed).")
     device: str = Field("cpu", description="torch device of the student: cpu, cuda (under torchrun: each "
                         "rank's GPU).")
+    decoder: Literal["auto", "eager", "static"] = Field("auto", description="Rollout KV cache: static = "
+                                                        "preallocated, one captured CUDA graph per rollout; auto = "
+                                                        "static on CUDA, eager (growing cache) elsewhere.")
 
 
 class TeacherCfg(_Section):

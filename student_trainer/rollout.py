@@ -75,7 +75,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior: Behavior, eps: float,
                    teacher: TeacherClient | None, top_k: int, max_new_tokens: int, eos_id: int, pad_id: int,
-                   generator: Generator, overlap: bool = True) -> Rollout:
+                   generator: Generator, overlap: bool = True, decoder: str = "auto") -> Rollout:
     """Sample one response per prompt under `behavior` at budget `eps`.
 
     `generator` is one stream for the batch, or a `RowGenerators` with one stream per prompt (rows
@@ -89,7 +89,7 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     if use_teacher and teacher is None:
         raise ValueError(f"behavior {behavior.name!r} at eps={eps} needs a teacher client")
     batch = len(prompts)
-    decoder = make_decoder(student, pad_id, capacity=max(map(len, prompts)) + max_new_tokens)
+    decoder = make_decoder(student, pad_id, capacity=max(map(len, prompts)) + max_new_tokens, kind=decoder)
     session_task = await _send(teacher.open_session(prompts, top_k), overlap) if use_teacher else None
     logits_A_V = decoder.prefill(prompts)
     session = await session_task if session_task else None

@@ -119,7 +119,8 @@ async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, ep
     generator = RowGenerators.seeded(cfg.train.seed, run.step, rows, run.dist.device)
     run.policy.eval()
     rollout = await generate(run.policy, prompts, behavior, eps, run.teacher, cfg.teacher.top_k,
-                             cfg.train.max_new_tokens, tok.eos_token_id, tok.pad_token_id, generator)
+                             cfg.train.max_new_tokens, tok.eos_token_id, tok.pad_token_id, generator,
+                             decoder=cfg.student.decoder)
     if rollout.targets is None:
         rollout.targets = await score_targets(rollout, run.teacher, cfg.teacher.top_k, tok.pad_token_id)
     return rollout

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.kv_decode import KVDecoder
-from shared.static_decode import DecoderKind, StaticKVDecoder, make_decoder
 from shared.protocol import ScoreRequest, SequenceScores
+from shared.static_decode import DecoderKind, StaticKVDecoder, make_decoder
 from teacher_server.backends.base import (
     Backend,
     BackendInfo,

@@ -113,7 +113,7 @@ def test_make_decoder_picks_eager_on_cpu_and_falls_back_for_flash_attention(tiny
     assert any("flash_attention_2" in str(w.message) for w in caught)
 
 
-def test_rollout_tokens_equal_with_either_decoder(task_models, monkeypatch):
+def test_rollout_tokens_equal_with_either_decoder(task_models):
     from transformers import AutoTokenizer
 
     student = AutoModelForCausalLM.from_pretrained(task_models[1]).eval()
@@ -121,9 +121,9 @@ def test_rollout_tokens_equal_with_either_decoder(task_models, monkeypatch):
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ["12+34\n", "7*8-5\n", "3+4*2+9\n", "1\n"]]
 
     def run(kind: str):
-        monkeypatch.setattr(rollout_mod, "make_decoder", lambda *a, **k: make_decoder(*a, **k, kind=kind))
         return asyncio.run(rollout_mod.generate(student, prompts, make_behavior("opd"), 0.0, None, 4, 20,
-                                                tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0)))
+                                                tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0),
+                                                decoder=kind))
 
     eager, static = run("eager"), run("static")
     assert torch.equal(eager.tokens_B_T, static.tokens_B_T)
