@@ -7,9 +7,9 @@ Sections (each variant against today's path, interleaved in the same process):
   1. loss memory: forward + loss + backward of 4 rows x 1,200 tokens at vocabulary 151,936 with a
      1-layer, 64-wide Qwen3 body, full logits vs the chunked loss; peak above the model, in float32
      copies of the [tokens x vocab] logits (CPU: peak RSS of a fresh child process per variant).
-  2. micro-step of the students (0.6B, 1.7B; 8 rows x 1,200 tokens): fp32 + full logits (today) vs
-     fp32 + chunked vs bf16-mixed + chunked: seconds and peak memory (CUDA only: the real shapes).
-  3. decode ms per step of the student at 8/32/64 rows and of a teacher session extend (8 rows):
+  2. micro-step of the students (0.6B, 1.7B; 8 rows x 1,200 tokens): fp32 + full logits (before) vs
+     fp32 + chunked vs bf16-mixed + chunked: seconds and peak memory (CUDA; the CPU runs narrow bodies).
+  3. decode ms per step of the 1.7B student at 8/32/64 rows and of an 8B teacher session extend (8 rows):
      the eager decoder vs the static-cache decoder with a captured step (bench/bench_decode.py).
   4. one whole TRB optimizer step of the 0.6B/4B pair (and 1.7B/8B with --pairs) with the
      transformers teacher backend on the same device, at two response lengths; the linear fit in
@@ -30,31 +30,22 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_decode import SHAPES, bench
 from bench.common import REPO, Section, base_parser, limit_threads, machine_info, median, report
 
 VOCAB, TOP_K = 151_936, 20
-QWEN3 = {  # the published configs (huggingface.co/Qwen/Qwen3-*/config.json), vocab 151,936
-    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 intermediate_size=3072, tie_word_embeddings=True),
-    "1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 intermediate_size=6144, tie_word_embeddings=True),
-    "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=9728, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=12288, tie_word_embeddings=False),
-}
 NARROW = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=128)
+              intermediate_size=128, head_dim=16)
 GIB = 1024**3
 
 
-def qwen3(name: str, narrow: bool = False, vocab: int = VOCAB, **overrides: int):
+def qwen3(name: str, narrow: bool = False, **overrides: int):
+    """The published Qwen3 shape `name` (bench_decode.SHAPES: 0.6B, 1.7B, 4B, 8B), or a narrow stand-in
+    with the same vocabulary (the lm_head and the loss keep their real size)."""
     from transformers import Qwen3Config
 
-    shape = {**QWEN3[name], **(NARROW if narrow else {}), **overrides}
-    return Qwen3Config(vocab_size=vocab, head_dim=128 if not narrow else 16, max_position_embeddings=40_960,
-                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2, **shape)
+    shape = {**SHAPES[name], **(NARROW if narrow else {}), **overrides}
+    return Qwen3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
 
 
 def build(config, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -101,7 +92,7 @@ def micro_step(lm: torch.nn.Module, rows: int, tokens: int, precision: str, chun
 # ---- 1. loss memory -----------------------------------------------------------------------------
 def _loss_memory_child(chunk: int | None, rows: int, tokens: int) -> None:
     """Run in a fresh process: prints {"peak": bytes above the set-up state, "seconds": ...}."""
-    lm = build(qwen3("0.6b", narrow=True, num_hidden_layers=1), "cpu")
+    lm = build(qwen3("0.6B", narrow=True, num_hidden_layers=1), "cpu")
     loss_module_step = micro_step(lm, rows, tokens, "fp32", chunk, "cpu")
     base = _rss()
     started = time.perf_counter()
@@ -131,7 +122,7 @@ def loss_memory(device: str, rows: int = 4, tokens: int = 1200) -> Section:
                                   "--loss-rows", str(rows)], cwd=REPO, capture_output=True, text=True, check=True)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         else:
-            lm = build(qwen3("0.6b", narrow=True, num_hidden_layers=1), device)
+            lm = build(qwen3("0.6B", narrow=True, num_hidden_layers=1), device)
             step = micro_step(lm, rows, tokens, "fp32", chunk, device)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -159,7 +150,7 @@ def micro_steps(device: str, narrow: bool, rows: int = 8, tokens: int = 1200) ->
                       "Ratio: seconds of the variant / seconds before.")
     variants = {"fp32, full logits (before)": ("fp32", 0), "fp32, chunked": ("fp32", None),
                 "bf16-mixed, chunked": ("bf16-mixed", None)}
-    for student in ("0.6b", "1.7b"):
+    for student in ("0.6B", "1.7B"):
         before = None
         for name, (precision, chunk) in variants.items():
             seconds, peak = _timed_step(qwen3(student, narrow), device, rows, tokens, precision, chunk)
@@ -168,9 +159,9 @@ def micro_steps(device: str, narrow: bool, rows: int = 8, tokens: int = 1200) ->
                       f"{seconds:.3f} s" + ("" if peak is None else f", peak {peak / GIB:.1f} GiB"))
             ratio = seconds / before if seconds is not None and before else None
             section.add(f"{student}: {name}", figure, ratio)
-            if student == "1.7b" and name.startswith("bf16") and device == "cuda" and not narrow:
+            if student == "1.7B" and name.startswith("bf16") and device == "cuda" and not narrow:
                 fits = None if peak is None else peak / (40 * GIB)
-                section.add("1.7b bf16-mixed peak / 40 GiB", "out of memory" if peak is None else
+                section.add("1.7B bf16-mixed peak / 40 GiB", "out of memory" if peak is None else
                             f"{peak / GIB:.1f} GiB", fits if fits is not None else 99.0, "<= 1")
     return section
 
@@ -204,14 +195,33 @@ def _timed_step(config, device: str, rows: int, tokens: int, precision: str, chu
 
 # ---- 3. decode ----------------------------------------------------------------------------------
 def decode(device: str, narrow: bool) -> Section:
-    from bench.bench_decode import decode_section
-
-    return decode_section(device, narrow, {name: qwen3(name, narrow) for name in ("1.7b", "8b")})
+    """Student steps of the 1.7B shape at 8/32/64 rows and 8-row teacher extends of the 8B shape (bf16):
+    the eager decoder (before) vs the static cache, and with the step captured as a CUDA graph."""
+    cuda = device == "cuda"
+    kinds = ["eager", "static", "graph"] if cuda else ["eager", "static"]
+    dtype, steps, prompt = (torch.bfloat16, 64, 128) if cuda else (torch.float32, 16, 32)
+    student, teacher = ("1.7B", "8B") if cuda and not narrow else ("quick", "quick")
+    section = Section("Decode step: eager decoder (before) vs static cache vs captured CUDA graph",
+                      f"random Qwen3 {student} student (every row one token a step, greedy token to the host) "
+                      f"and {teacher} teacher session extends (top-{TOP_K} to the host); {str(dtype)[6:]}, prompt "
+                      f"{prompt}, {steps} timed steps after 3, median of 2 rounds (bench/bench_decode.py). "
+                      "Ratio: eager ms / variant ms.")
+    rows = bench([student], [8, 32, 64], kinds, steps, 2, device, dtype, "student", prompt)
+    rows += bench([teacher], [8], kinds, steps, 2, device, dtype, "teacher", prompt)
+    for row in rows:
+        for kind in kinds:
+            target = ""
+            if kind == kinds[-1] and cuda and not narrow:
+                target = ">= 4" if (row["pattern"], row["rows"]) == ("student", 32) else (
+                    ">= 3" if row["pattern"] == "teacher" else "")
+            section.add(f"{row['model']} {row['pattern']}, {row['rows']} rows: {kind}", f"{row[kind]:.2f} ms",
+                        row["eager"] / row[kind] if kind != "eager" else None, target)
+    return section
 
 
 # ---- 4. whole optimizer steps and the projection --------------------------------------------------
-RECIPES = {"0.6b-4b": ("0.6b", "4b", "recipes/qwen3/trb-0.6b-4b.yaml"),
-           "1.7b-8b": ("1.7b", "8b", "recipes/qwen3/trb-1.7b-8b.yaml")}
+RECIPES = {"0.6b-4b": ("0.6B", "4B", "recipes/qwen3/trb-0.6b-4b.yaml"),
+           "1.7b-8b": ("1.7B", "8B", "recipes/qwen3/trb-1.7b-8b.yaml")}
 
 
 def whole_steps(device: str, narrow: bool, pairs: list[str], lengths: tuple[int, int]) -> Section:
