@@ -104,6 +104,20 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> tuple[int, ...]:
+    """`pid` and its live descendants, from /proc: the teacher server runs its model in a child
+    process (teacher_server/worker.py), whose CPU the server's own /proc entry does not count."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += parents.get(tree[-1], [])
+    return tuple(tree)
+
+
 def cpu_now(pids: tuple[int, ...] = ()) -> float:
     return time.process_time() + sum(process_cpu_seconds(p) for p in pids)
 
