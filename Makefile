@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo reproduce clean test-compose config-doc
+.PHONY: install test demo reproduce clean test-compose config-doc gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,9 @@ test-compose: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The project's pure-Python dependencies as wheels, for a GPU machine without network (bench/gpu_scale.sh).
+gpu-wheels: $(STAMP)
+	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download -q -d .wheels -c constraints.txt --only-binary=:all: \
+	  --python-version $$v fastapi uvicorn httpx msgpack pydantic-settings prometheus-client pyyaml rich \
+	  pytest pytest-asyncio hypothesis || echo "gpu-wheels: no set for python $$v"; done

@@ -84,7 +84,7 @@ def micro_step(lm: torch.nn.Module, rows: int, tokens: int, precision: str, chun
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
