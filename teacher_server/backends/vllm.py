@@ -117,11 +117,12 @@ class VLLMBackend(Backend):
         if any(req.full or req.token_ids for req in requests):  # limits.py refuses these first
             raise UnsupportedRequest("full, token_ids: vLLM returns the top-k and the actual token only")
         out: list[list[Any]] = [[None] * len(req.sequences) for req in requests]
+        starts = [req.starts() for req in requests]
         groups: dict[int, list[tuple[int, int]]] = {}
         for r, req in enumerate(requests):
             groups.setdefault(req.top_k, []).extend((r, i) for i in range(len(req.sequences)))
         for top_k, where in groups.items():
-            items = [(requests[r].sequences[i], requests[r].starts()[i]) for r, i in where]
+            items = [(requests[r].sequences[i], starts[r][i]) for r, i in where]
             for (r, i), res in zip(where, self._scores(items, top_k), strict=True):
                 out[r][i] = res
         if any(req.token_ids is not None for req in requests):  # `token_ids: []`: an empty column
