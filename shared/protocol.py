@@ -149,7 +149,7 @@ class SessionStep(BaseModel):
 
 class ModelInfo(BaseModel):
     model: str = Field(description="Model name or path as loaded.")
-    backend: str = Field(description="Backend serving the model (hf, sglang).")
+    backend: str = Field(description="Backend serving the model (hf, sglang, vllm).")
     vocab_size: int = Field(description="Size of the logprob vectors (the model's output dimension).")
     tokenizer_fingerprint: str = Field(description="Hash of the vocabulary and special tokens.")
     max_context: int = Field(description="Longest sequence (prefix) accepted, in tokens.")

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.protocol import ErrorCode, ModelInfo
+from teacher_server import limits
 from teacher_server.auth import key_name, load_keys
 from teacher_server.backends.base import Backend
 from teacher_server.backends.factory import load_backend
@@ -49,7 +50,7 @@ class Server:
         i, c = self.backend.info, self.cfg
         return ModelInfo(model=i.name, backend=i.backend, vocab_size=i.vocab_size,
                          tokenizer_fingerprint=i.tokenizer_fingerprint, max_context=i.max_context,
-                         max_top_k=min(c.max_top_k, i.vocab_size), full_logprobs=c.allow_full and i.supports_full,
+                         max_top_k=limits.max_top_k(i, c), full_logprobs=c.allow_full and i.supports_full,
                          max_full_values=c.max_full_values, max_sequences=c.max_sequences,
                          max_tokens=c.max_tokens, dtype=i.dtype, device=i.device)
 

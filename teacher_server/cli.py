@@ -1,6 +1,7 @@
 """`trb-teacher serve --model PATH --backend hf --host 127.0.0.1 --port 8000`.
 
 With SGLang: `trb-teacher serve --backend sglang --sglang-url http://127.0.0.1:30000 --model PATH`.
+With vLLM: `trb-teacher serve --backend vllm --vllm-url http://127.0.0.1:8001 --model PATH` (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="Serve a teacher model over HTTP.")
     serve.add_argument("--model", required=True, help="Local path or hub id of a causal LM.")
-    serve.add_argument("--backend", default="hf", choices=["hf", "sglang"])
+    serve.add_argument("--backend", default="hf", choices=["hf", "sglang", "vllm"])
     serve.add_argument("--sglang-url", default=None, help="SGLang server for --backend sglang, e.g. "
                        "http://127.0.0.1:30000 (--model is still read for the tokenizer).")
     serve.add_argument("--sglang-engine", action="store_true", default=None,
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sglang-vocab-size", type=int, default=None)
     serve.add_argument("--sglang-api-key-file", default=None, help="File holding the --api-key of the SGLang "
                        "server; or set TRB_TEACHER_SGLANG_API_KEY.")
+    serve.add_argument("--vllm-url", default=None, help="`vllm serve` for --backend vllm, e.g. "
+                       "http://127.0.0.1:8001 (--model is still read for the tokenizer).")
+    serve.add_argument("--vllm-api-key-file", default=None, help="File holding the --api-key of the vLLM server; "
+                       "or set TRB_TEACHER_VLLM_API_KEY.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = ServerSettings(**overrides)
         keys = load_keys(cfg.api_keys, cfg.api_keys_file)
         load_secret(None, cfg.sglang_api_key_file, "SGLang API key")  # fail now on an unreadable file
+        load_secret(None, cfg.vllm_api_key_file, "vLLM API key")
     except (ValidationError, ValueError) as exc:
         sys.exit(f"trb-teacher: bad settings:\n{_describe(exc)}")
     try:

@@ -42,8 +42,13 @@ def check_sequences(field: str, sequences: list[list[int]], info: BackendInfo, c
         check_ids(f"{field}.{i}", seq, info.vocab_size)
 
 
+def max_top_k(info: BackendInfo, cfg: ServerSettings) -> int:
+    """The largest top_k served: the server's cap, the vocabulary and the backend's own cap."""
+    return min(cfg.max_top_k, info.vocab_size, info.max_top_k or info.vocab_size)
+
+
 def check_top_k(top_k: int, info: BackendInfo, cfg: ServerSettings) -> None:
-    limit = min(cfg.max_top_k, info.vocab_size)
+    limit = max_top_k(info, cfg)
     if top_k > limit:
         raise _invalid("top_k", f"{top_k} exceeds the max top_k of {limit}")
 
@@ -53,6 +58,9 @@ def check_score(req: ScoreRequest, info: BackendInfo, cfg: ServerSettings) -> No
     check_top_k(req.top_k, info, cfg)
     if req.token_ids is not None:
         check_ids("token_ids", req.token_ids, info.vocab_size)
+        if req.token_ids and not info.supports_token_ids:
+            raise ApiError(422, UNSUPPORTED, f"token_ids: the {info.backend} backend returns the top-k and the "
+                           "next token's logprob only, not chosen ids at every position; ask for top_k", "token_ids")
     if req.full:
         if not info.supports_full:
             raise ApiError(422, UNSUPPORTED, f"full: the {info.backend} backend returns top-k logprobs only, "
@@ -67,5 +75,11 @@ def check_score(req: ScoreRequest, info: BackendInfo, cfg: ServerSettings) -> No
 
 
 def check_session_create(req: SessionCreateRequest, info: BackendInfo, cfg: ServerSettings) -> None:
+    if not info.supports_sessions:
+        raise ApiError(422, UNSUPPORTED, f"sessions: the {info.backend} backend does not serve decoding sessions "
+                       "(each step would recompute the whole prefix: O(L^2)). Score finished sequences with "
+                       "/v1/score; for methods that query the teacher at every token (TRB's warmup, fixed_eps, "
+                       "skd, teacher_warmup, sft_warmup) serve the teacher with --backend hf or --backend sglang",
+                       "sequences")
     check_sequences("sequences", req.sequences, info, cfg)
     check_top_k(req.top_k, info, cfg)

@@ -12,7 +12,7 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRB_TEACHER_", extra="forbid")
 
     model: str = Field(description="Local path or hub id of the teacher (a causal LM).")
-    backend: Literal["hf", "sglang"] = "hf"
+    backend: Literal["hf", "sglang", "vllm"] = "hf"
     sglang_url: str | None = Field(None, description="URL of a running SGLang server (backend sglang).")
     sglang_engine: bool = Field(False, description="Run sglang.Engine in-process instead (backend sglang).")
     sglang_vocab_size: int | None = Field(None, description="Vocab size when the model config lacks it.")
@@ -20,6 +20,11 @@ class ServerSettings(BaseSettings):
                                              "Bearer token (prefer sglang_api_key_file).")
     sglang_api_key_file: str | None = Field(None, description="A file holding that key (surrounding whitespace "
                                             "is dropped).")
+    vllm_url: str | None = Field(None, description="URL of a running `vllm serve` (backend vllm).")
+    vllm_api_key: SecretStr | None = Field(None, description="The --api-key of the vLLM server, sent as a Bearer "
+                                           "token (prefer vllm_api_key_file).")
+    vllm_api_key_file: str | None = Field(None, description="A file holding that key (surrounding whitespace is "
+                                          "dropped).")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     decoder: Literal["auto", "eager", "static"] = Field(
@@ -59,4 +64,12 @@ class ServerSettings(BaseSettings):
             raise ValueError("backend sglang needs exactly one of sglang_url or sglang_engine")
         if (self.sglang_api_key or self.sglang_api_key_file) and not self.sglang_url:
             raise ValueError("sglang_api_key: only a server at sglang_url takes an API key")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_target(self) -> ServerSettings:
+        if self.backend == "vllm" and not self.vllm_url:
+            raise ValueError("backend vllm needs vllm_url (the running `vllm serve`, e.g. http://127.0.0.1:8001)")
+        if (self.vllm_api_key or self.vllm_api_key_file) and self.backend != "vllm":
+            raise ValueError("vllm_api_key: only backend vllm takes a vLLM API key")
         return self

@@ -26,6 +26,9 @@ class BackendInfo:
     device: str
     supports_full: bool = True  # False: the backend has top-k only, so `full` requests get a 4xx
     kv_sessions: bool = True  # sessions keep a KV cache, so a long prefill can run as several extends
+    supports_sessions: bool = True  # False: /v1/sessions gets a 422 (vLLM: prompt logprobs skip its prefix cache)
+    max_top_k: int | None = None  # the backend's own cap on top_k (vLLM's --max-logprobs); None: the vocab
+    supports_token_ids: bool = True  # False: `token_ids` scoring gets a 422 (vLLM returns top-k + actual token only)
 
 
 @dataclass
@@ -79,6 +82,19 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources at shutdown."""
+
+
+TAIL_FLOOR = float(np.finfo(np.float32).tiny)  # mass floor so log(1 - sum(top)) never sees 0 or below
+
+
+def tail_from_top(top_lp_N_K: np.ndarray) -> np.ndarray:
+    """log(1 - sum(exp(top))) per row, for servers that return the top-k but no tail (SGLang, vLLM).
+
+    Computed in float64 as log(-expm1(logsumexp(top))), the mass clamped to TAIL_FLOOR. It is only as
+    exact as the top-k values themselves: a tail far below their rounding error is approximate.
+    """
+    lse_N = np.logaddexp.reduce(top_lp_N_K.astype(np.float64), axis=1)  # -inf for k = 0: all mass in the tail
+    return np.log(np.maximum(-np.expm1(np.minimum(lse_N, 0.0)), TAIL_FLOOR)).astype(np.float32)
 
 
 def topk_with_tail(logprobs: Any, k: int) -> tuple[Any, Any, Any]:

@@ -24,7 +24,15 @@ import numpy as np
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import ScoreRequest, SequenceScores
-from teacher_server.backends.base import Backend, BackendInfo, SessionState, StepArrays, UnsupportedRequest
+from teacher_server.backends.base import (  # noqa: F401 - TAIL_FLOOR, tail_from_top: re-exported
+    TAIL_FLOOR,
+    Backend,
+    BackendInfo,
+    SessionState,
+    StepArrays,
+    UnsupportedRequest,
+    tail_from_top,
+)
 from teacher_server.backends.sglang_transport import (
     EngineTransport,
     GenerateCall,
@@ -38,18 +46,7 @@ from teacher_server.backends.sglang_transport import (
 
 log = logging.getLogger(__name__)
 ENTRY_BUDGET = 1 << 20  # positions x returned logprobs per /generate call: bounds SGLang's memory and our JSON
-TAIL_FLOOR = float(np.finfo(np.float32).tiny)  # mass floor so log(1 - sum(top)) never sees 0 or below
 UNSAID_MARGIN = 7  # model context - longest prompt when SGLang does not report max_req_input_len (6 + 1)
-
-
-def tail_from_top(top_lp_N_K: np.ndarray) -> np.ndarray:
-    """log(1 - sum(exp(top))) per row: SGLang returns no tail, so it is rebuilt from the top-k.
-
-    Computed in float64 as log(-expm1(logsumexp(top))), the mass clamped to TAIL_FLOOR. It is only as
-    exact as the top-k values themselves: a tail far below their rounding error is approximate.
-    """
-    lse_N = np.logaddexp.reduce(top_lp_N_K.astype(np.float64), axis=1)  # -inf for k = 0: all mass in the tail
-    return np.log(np.maximum(-np.expm1(np.minimum(lse_N, 0.0)), TAIL_FLOOR)).astype(np.float32)
 
 
 def _lp(value: float | None) -> float:

@@ -1,0 +1,159 @@
+"""The vLLM backend: teacher logprobs from a running `vllm serve`, through `/v1/completions`.
+
+vLLM's prompt logprobs give, at each prompt position, the logprob of the actual next token plus the
+top-k (`prompt_logprobs = k`), never the full vocabulary and never chosen ids, so `full` and
+`token_ids` requests are refused with a 422 before any work is queued, and the tail is rebuilt from
+the top-k. Sessions are refused too: prompt logprobs bypass vLLM's prefix cache, so a session that
+re-sends its prefix at every step would cost O(L^2). Temperature never applies to prompt logprobs.
+
+Position alignment (docs/vllm.md). Ours: position p is the distribution after ids[:p+1]. vLLM's, for a
+prompt `ids` of length L: `prompt_logprobs` has L entries, entry 0 is null and entry i (i >= 1) is the
+distribution after ids[:i], holding ids[i] (the "actual" token) and the top-k. There is no entry for
+after the whole prompt, so the backend appends one dummy id (DUMMY) and sends L + 1 tokens:
+    row j = p - start (p = start .. L-1):  entry p + 1 of the extended prompt (after ids[:p+1])
+    next_token_logprobs[j] (p <= L-2):     entry p + 1's value for its actual token ids[p+1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from shared.fingerprint import tokenizer_fingerprint
+from shared.protocol import ScoreRequest, SequenceScores
+from teacher_server.backends.base import (
+    Backend,
+    BackendInfo,
+    SessionState,
+    StepArrays,
+    UnsupportedRequest,
+    tail_from_top,
+)
+from teacher_server.backends.vllm_transport import MAX_PROMPTS, HTTPTransport, Position, VLLMError
+
+DUMMY = 0  # the id appended to every sequence so that vLLM scores the position after its last token
+NEG_INF_AS = -9999.0  # vLLM writes -inf prompt logprobs as this (JSON has no -inf)
+ENTRY_BUDGET = 1 << 20  # positions x returned logprobs per call: bounds vLLM's detokenizing and our JSON
+SESSIONS_REFUSED = "sessions: the vllm backend serves /v1/score only (see docs/vllm.md)"
+
+
+def _lp(value: float) -> float:
+    return float("-inf") if value == NEG_INF_AS else value
+
+
+def split_entry(entry: Position, actual: int, k: int) -> tuple[list[int], list[float], float]:
+    """(top-k ids by rank, their logprobs, the actual token's logprob) of one position.
+
+    vLLM builds the entry as {actual, top_1 .. top_k} in a dict, so when the actual token is in the
+    top-k the two merge (k keys, rank from the top-k) and otherwise there are k + 1 keys. Dropping the
+    actual token's key in the second case leaves exactly the top-k, whose ranks must be 1 .. k.
+    """
+    if entry is None or str(actual) not in entry:
+        raise VLLMError(f"vLLM's prompt_logprobs entry lacks the actual token {actual}: alignment is off")
+    actual_lp = _lp(entry[str(actual)].logprob)
+    if len(entry) not in (k, k + 1):
+        raise VLLMError(f"vLLM returned {len(entry)} logprobs at a position where {k} or {k + 1} were expected")
+    top = [(e.rank, int(t), _lp(e.logprob)) for t, e in entry.items() if len(entry) == k or t != str(actual)]
+    top.sort(key=lambda r: r[0] or 0)
+    if [r[0] for r in top] != list(range(1, k + 1)):
+        raise VLLMError(f"vLLM's top-{k} ranks are {[r[0] for r in top]}, not 1..{k}")
+    return [r[1] for r in top], [r[2] for r in top], actual_lp
+
+
+def sequence_scores(positions: list[Position], seq: list[int], start: int, k: int) -> SequenceScores:
+    """One sequence's scores from the prompt_logprobs of `seq + [DUMMY]` (the module docstring)."""
+    sent, n = [*seq, DUMMY], len(seq) - start
+    if len(positions) != len(sent) or positions[0] is not None:
+        raise VLLMError(f"vLLM returned {len(positions)} prompt_logprobs entries for a prompt of {len(sent)} "
+                        "tokens; expected one per token, the first null")
+    rows = [split_entry(positions[p + 1], sent[p + 1], k) for p in range(start, len(seq))]
+    top_ids = np.array([r[0] for r in rows], np.int32).reshape(n, k)
+    top_lp = np.array([r[1] for r in rows], np.float32).reshape(n, k)
+    return SequenceScores(start=start, top_ids=top_ids, top_logprobs=top_lp, tail_logprob=tail_from_top(top_lp),
+                          next_token_logprobs=np.array([r[2] for r in rows[:-1]], np.float32))
+
+
+def batches(lengths: list[int], width: int) -> Iterator[slice]:
+    """Consecutive slices of prompts within MAX_PROMPTS and ENTRY_BUDGET (positions x width)."""
+    lo, total = 0, 0
+    for i, n in enumerate(lengths):
+        if i > lo and (total + n * width > ENTRY_BUDGET or i - lo == MAX_PROMPTS):
+            yield slice(lo, i)
+            lo, total = i, 0
+        total += n * width
+    if lo < len(lengths):
+        yield slice(lo, len(lengths))
+
+
+class VLLMBackend(Backend):
+    """Scores through vLLM. The model path is still read locally, for the tokenizer and the vocab size.
+
+    `max_context` is vLLM's limit less the dummy token: vLLM refuses prompts of max_model_len tokens
+    (no room for the one generated token), so L + 1 <= max_model_len - 1. `max_top_k` is vLLM's
+    `--max-logprobs`. `api_key` is the vLLM server's --api-key.
+    """
+
+    def __init__(self, model: str, url: str, name: str | None = None, max_context: int | None = None,
+                 api_key: str | None = None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model).get_text_config()
+        vocab = int(getattr(config, "vocab_size", None) or len(tokenizer))  # vLLM's ModelConfig.get_vocab_size
+        self.transport = HTTPTransport(url, api_key=api_key)
+        limit = self.transport.max_model_len - 2
+        config_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+        self.info = BackendInfo(
+            name=name or model, backend="vllm", vocab_size=vocab,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            max_context=int(min(max_context or limit, limit)), dtype=vllm_dtype(config_dtype),
+            device=f"vllm {url}", supports_full=False, kv_sessions=False, supports_sessions=False,
+            supports_token_ids=False, max_top_k=self.transport.max_logprobs(vocab))
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
+        """Sequences of requests that share top_k go out in one batched /v1/completions call."""
+        if any(req.full or req.token_ids for req in requests):  # limits.py refuses these first
+            raise UnsupportedRequest("full, token_ids: vLLM returns the top-k and the actual token only")
+        out: list[list[Any]] = [[None] * len(req.sequences) for req in requests]
+        starts = [req.starts() for req in requests]
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for r, req in enumerate(requests):
+            groups.setdefault(req.top_k, []).extend((r, i) for i in range(len(req.sequences)))
+        for top_k, where in groups.items():
+            items = [(requests[r].sequences[i], starts[r][i]) for r, i in where]
+            for (r, i), res in zip(where, self._scores(items, top_k), strict=True):
+                out[r][i] = res
+        if any(req.token_ids is not None for req in requests):  # `token_ids: []`: an empty column
+            for req, rows in zip(requests, out, strict=True):
+                for res in rows:
+                    res.token_logprobs = None if req.token_ids is None else np.zeros((len(res.top_ids), 0), np.float32)
+        return out
+
+    def _scores(self, items: list[tuple[list[int], int]], top_k: int) -> list[SequenceScores]:
+        out: list[SequenceScores] = []
+        for part in batches([len(seq) + 1 for seq, _ in items], top_k + 1):
+            prompts = [[*seq, DUMMY] for seq, _ in items[part]]
+            answers = self.transport.prompt_logprobs(prompts, top_k)
+            out += [sequence_scores(positions, seq, start, top_k)
+                    for positions, (seq, start) in zip(answers, items[part], strict=True)]
+        return out
+
+    def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[SessionState, StepArrays]:
+        raise UnsupportedRequest(SESSIONS_REFUSED)  # limits.py answers the 422 before this is reached
+
+    def extend_session(self, state: SessionState, rows: list[int], tokens: list[list[int]],
+                       top_k: int) -> StepArrays:
+        raise UnsupportedRequest(SESSIONS_REFUSED)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def vllm_dtype(config_dtype: str) -> str:
+    """What `vllm serve --dtype auto` (its default) runs a checkpoint in: the config's dtype, except that
+    float32 checkpoints are downcast to the platform's first supported dtype (bfloat16 on CUDA GPUs
+    that have it). No vLLM route reports the dtype, so a vLLM started with another --dtype is not seen."""
+    name = config_dtype.removeprefix("torch.")
+    return "bfloat16" if name == "float32" else name

@@ -1,0 +1,111 @@
+"""How calls reach vLLM: its OpenAI-compatible HTTP server (`vllm serve`), never its Python API.
+
+The backend needs three things from it: the `prompt_logprobs` of a batch of token-id prompts
+(`POST /v1/completions`), the longest model length (`GET /v1/models`, `max_model_len`), and the cap
+on `prompt_logprobs` (`--max-logprobs`, which no route reports: it is probed once at startup). Every
+vLLM behaviour relied on here is listed, with its source file, in docs/vllm.md.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+MAX_PROMPTS = 1024  # prompts per /v1/completions call (vLLM's VLLM_MAX_COMPLETION_PROMPTS default)
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default, assumed when the probe's answer cannot be read
+_CAP = re.compile(r"greater than max allowed: (\d+)")
+
+
+class VLLMError(RuntimeError):
+    """vLLM refused a call, or answered something that breaks the documented alignment."""
+
+
+class Entry(BaseModel):
+    """One token of a `prompt_logprobs` position: vLLM's `Logprob` (decoded_token is not read)."""
+
+    logprob: float
+    rank: int | None = None
+
+
+Position = dict[str, Entry] | None  # token id (a string key, from json.dumps of int keys) -> entry
+_CHOICES = TypeAdapter(list[list[Position] | None])
+
+
+def error_message(resp: httpx.Response) -> str:
+    """vLLM's reason: `{"error": {"message", "type", "param", "code"}}` for a refused request,
+    `{"error": "Unauthorized"}` for a missing API key."""
+    try:
+        err = resp.json().get("error")
+    except (ValueError, AttributeError):
+        return resp.text[:500]
+    return str(err.get("message") if isinstance(err, dict) else err)[:500]
+
+
+def completion_body(model: str, prompts: list[list[int]], k: int) -> dict[str, Any]:
+    """One batched call. max_tokens 1: vLLM refuses 0 and generates at least one token; prompt logprobs
+    ignore every sampling setting, so none is sent (the generated token is thrown away)."""
+    return {"model": model, "prompt": prompts, "max_tokens": 1, "prompt_logprobs": k}
+
+
+class HTTPTransport:
+    """A running `vllm serve` through a synchronous client (the backend runs on the scheduler's thread).
+
+    `api_key` is the server's `--api-key`, sent as `Authorization: Bearer ...` on every call (vLLM
+    guards /v1, so /v1/models too, and lets /health through). It lives in the client's headers only.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0,
+                 ready_timeout_s: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+        deadline = time.monotonic() + ready_timeout_s
+        while not self._healthy():  # vLLM listens only once its engine is up; 503 means the engine died
+            if time.monotonic() > deadline:
+                raise VLLMError(f"vLLM at {self.url} was not healthy after {ready_timeout_s:.0f}s")
+            time.sleep(0.2)
+        resp = self.client.get("/v1/models")
+        if resp.status_code != 200:
+            hint = " (is vLLM started with --api-key? set TRB_TEACHER_VLLM_API_KEY or --vllm-api-key-file)"
+            raise VLLMError(f"vLLM /v1/models answered {resp.status_code}: {error_message(resp)}"
+                            + (hint if resp.status_code == 401 else ""))
+        card = resp.json()["data"][0]  # the base model; LoRA adapters follow it
+        self.model: str = card["id"]
+        self.max_model_len: int = int(card["max_model_len"])
+
+    def _healthy(self) -> bool:
+        try:
+            return self.client.get("/health", timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def max_logprobs(self, vocab_size: int) -> int:
+        """vLLM's cap on prompt_logprobs: ask for the whole vocabulary on a one-token prompt (whose only
+        entry is null, so nothing is computed or sent back) and read the cap from the refusal."""
+        resp = self.client.post("/v1/completions", json=completion_body(self.model, [[0]], vocab_size))
+        if resp.status_code == 200:
+            return vocab_size  # --max-logprobs -1, or at least the vocabulary
+        if resp.status_code == 400 and (found := _CAP.search(error_message(resp))):
+            return int(found.group(1))
+        raise VLLMError(f"vLLM /v1/completions answered {resp.status_code} to the prompt_logprobs probe: "
+                        f"{error_message(resp)}")
+
+    def prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[Position]]:
+        """`choices[i].prompt_logprobs` of each prompt, in order (choice i is prompt i: n = 1)."""
+        resp = self.client.post("/v1/completions", json=completion_body(self.model, prompts, k))
+        if resp.status_code != 200:
+            raise VLLMError(f"vLLM /v1/completions answered {resp.status_code}: {error_message(resp)}")
+        choices = resp.json().get("choices") or []
+        if len(choices) != len(prompts) or [c.get("index") for c in choices] != list(range(len(prompts))):
+            raise VLLMError(f"vLLM answered {len(choices)} choices out of order or for a batch of {len(prompts)}")
+        out = _CHOICES.validate_python([c.get("prompt_logprobs") for c in choices])
+        if any(p is None for p in out):
+            raise VLLMError("vLLM answered without prompt_logprobs")
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.client.close()
