@@ -53,9 +53,12 @@ def sampling_version(step: int, staleness: int, first: int) -> int:
 
 @torch.no_grad()
 def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """dst's parameters and buffers := src's, in place (addresses kept: captured graphs stay valid)."""
+    """dst's parameters and buffers := src's, in place (addresses kept: captured graphs stay valid).
+    On CUDA it returns once the copy is done, so the learner may then write `src`."""
     for a, b in zip(dst.state_dict().values(), src.state_dict().values(), strict=True):
         a.copy_(b)
+    if b.is_cuda:
+        torch.cuda.current_stream(b.device).synchronize()
 
 
 Produce = Callable[[int, torch.nn.Module], Awaitable[list[Rollout]]]
@@ -78,6 +81,8 @@ class Pipeline:
         self.version = start  # the learner's: optimizer steps its weights have taken
         self.policy = copy.deepcopy(source).requires_grad_(False).eval()  # the producer's own weights
         self.error: BaseException | None = None
+        device = next(source.parameters()).device  # the learner's own CUDA stream, so its kernels overlap
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the producer's
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
 
@@ -113,7 +118,7 @@ class Pipeline:
         try:
             while self.next < self.steps:
                 k, v = self.next, self._version_of(self.next)
-                idle = await self._until(lambda: self.version >= v)
+                idle = await self._until(lambda v=v: self.version >= v)
                 copy_weights(self.policy, self.source)  # the learner is waiting for this copy: no race
                 self.next += 1  # batch k has its weights: the learner may move on
                 await self._notify()
@@ -138,14 +143,25 @@ class Pipeline:
         idle += await self._until(lambda: not self._copy_pending(step))
         batch = self.batches.pop(step)
         started = time.perf_counter()
-        record = await asyncio.to_thread(learn, batch.rollouts)
+        record = await asyncio.to_thread(self._learn, learn, batch.rollouts)
         update_s = time.perf_counter() - started
         self.version = step + 1
         await self._notify()
         step_s = idle + update_s  # the step's wall time, as the synchronous loop measures it
-        return {**record, "step_s": step_s, "tokens_per_s": record["tokens"] / step_s, "policy_version": batch.version, "staleness": step - batch.version,
+        return {**record, "step_s": step_s, "tokens_per_s": record["tokens"] / step_s,
+                "policy_version": batch.version, "staleness": step - batch.version,
                 "rollout_s": batch.rollout_s, "update_s": update_s, "learner_idle_s": idle,
                 "producer_idle_s": batch.producer_idle_s}
+
+    def _learn(self, learn: Callable[[list[Rollout]], dict[str, Any]], rollouts: list[Rollout]) -> dict[str, Any]:
+        """`learn` in the worker thread; on CUDA on a stream of its own (a thread's current stream is
+        its own), finished before the producer may read the new weights."""
+        if self.stream is None:
+            return learn(rollouts)
+        with torch.cuda.stream(self.stream):
+            record = learn(rollouts)
+        self.stream.synchronize()
+        return record
 
     async def in_flight(self, step: int) -> dict[int, Batch]:
         """The batches from `step` on that were sampled by versions before `step` (waiting for any
