@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from conftest import REPO
 from student_trainer import checkpoint, train
 from student_trainer.config import load_config
 from student_trainer.pipeline import Batch, Pipeline, PipelineError, sampling_version
@@ -142,3 +147,33 @@ def test_a_dead_producer_stops_the_run_and_keeps_the_checkpoint(task_models, tas
         train.train_sync(_cfg(task_models, task_teacher.url, tmp_path, "train.steps=5", "train.max_staleness=1"))
     latest = checkpoint.latest(tmp_path / "checkpoints")
     assert latest is not None and checkpoint.load_state(latest)["step"] == 2
+
+
+@pytest.mark.slow
+def test_kill_9_a_staleness_one_run_then_resume(task_models, task_teacher, tmp_path) -> None:
+    """kill -9 the CLI somewhere after its first step, then --resume: the run ends at its last step with
+    every batch sampled by exactly its version (the in-flight batch came back from the checkpoint)."""
+    steps, out = 8, tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "student": {"path": str(task_models[1])}, "teacher": {"url": task_teacher.url, "top_k": 8},
+        "method": {"name": "trb", "eps0": 0.3, "horizon": steps}, "data": {"eval_size": 4, "probe_size": 4},
+        "train": {"steps": steps, "batch_size": 4, "max_new_tokens": 12, "eval_every": 0, "save_every": 1,
+                  "out_dir": str(out), "progress": False, "threads": 1, "max_staleness": 1}}))
+    cli = [sys.executable, "-m", "student_trainer.cli", "--config", str(cfg)]
+    proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and _steps(out)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # somewhere in a later step: rollout, update or a save
+    assert proc.poll() is None, "the run ended before the kill; lengthen it"
+    proc.kill()
+    proc.wait()
+    killed_after = len(_steps(out))
+    resumed = subprocess.run(cli + (["--resume"] if checkpoint.latest(out / "checkpoints") else []), cwd=REPO,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = _steps(out)
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), f"killed after {killed_after} steps"
+    assert [r["policy_version"] for r in records] == [0] + list(range(steps - 1))
+    assert checkpoint.load_state(checkpoint.latest(out / "checkpoints"))["step"] == steps
