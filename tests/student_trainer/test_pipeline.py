@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -177,3 +178,28 @@ def test_kill_9_a_staleness_one_run_then_resume(task_models, task_teacher, tmp_p
     assert [r["step"] for r in records] == list(range(1, steps + 1)), f"killed after {killed_after} steps"
     assert [r["policy_version"] for r in records] == [0] + list(range(steps - 1))
     assert checkpoint.load_state(checkpoint.latest(out / "checkpoints"))["step"] == steps
+
+
+@pytest.mark.slow
+def test_two_ranks_at_staleness_one_follow_one_process_and_resume(task_models, task_teacher, tmp_path) -> None:
+    """Each rank runs its own producer over its rows: the one-process curve; the checkpoint holds each
+    rank's batch in flight, so two ranks resumed at step 2 continue it."""
+    common = ("train.steps=4", "train.max_staleness=1", "train.threads=1")
+    train.train_sync(_cfg(task_models, task_teacher.url, tmp_path / "one", *common))
+    cfg = _cfg(task_models, task_teacher.url, tmp_path / "ddp", *common).public()
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "student_trainer.cli", "--config", str(tmp_path / "ddp.yaml")]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    for extra in ([], ["--resume"]):
+        proc = subprocess.run(cmd + extra, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        if not extra:  # rewind to the checkpoint at step 2, as if stopped there
+            state = checkpoint.load_state(tmp_path / "ddp" / "checkpoints" / "step_000002")
+            assert [sorted(b) for b in state["in_flight"]] == [[2], [2]]  # one dict per rank
+            (tmp_path / "ddp" / "checkpoints" / "latest").write_text("step_000002\n")
+        one, ddp = _steps(tmp_path / "one"), _steps(tmp_path / "ddp")
+        assert [r["policy_version"] for r in ddp] == [0, 0, 1, 2]
+        for a, b in zip(one, ddp, strict=True):
+            assert a["tokens"] == b["tokens"]
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
