@@ -144,6 +144,9 @@ class TrainCfg(_Section):
                                                      "(needs student.dtype=float32).")
     loss_chunk_tokens: int | None = Field(None, ge=0, description="Tokens per lm_head + loss chunk (recomputed in "
                                           "the backward); None: ~2^25 logits a chunk; 0: full logits at once.")
+    max_staleness: int = Field(0, ge=0, le=2, description="Optimizer steps the rollouts may run ahead of the "
+                               "learner (docs/async.md): batch k is sampled by the policy of step k - "
+                               "max_staleness; 0: rollout then update, one after the other.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP replicates the student, "
                                              "FSDP2 shards it (GPU-sized students); unused in one process.")
 

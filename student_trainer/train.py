@@ -10,6 +10,8 @@
 Everything a resumed run needs is a function of (seed, step) or lives in the checkpoint.
 Under torchrun each rank rolls out its slice of the global batch (distributed.py); row i of step k
 samples from its own (seed, k, i) stream, so any world size gives the run one process would.
+With train.max_staleness = s > 0, batch k is rolled out by the policy of step k - s while the
+learner updates (pipeline.py, docs/async.md); it still uses step k's ε, behavior and loss.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
+from student_trainer.pipeline import Batch, Pipeline
 from student_trainer.rollout import Rollout, generate, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
 from student_trainer.run_log import NullLog, RunLog
@@ -101,6 +104,7 @@ class Run:
     lm: torch.nn.Module | None = None  # the master CausalLM inside `student` (default: student.lm)
     policy: torch.nn.Module | None = None  # the CausalLM rollouts and eval use (default: lm)
     dist: Dist = field(default_factory=Dist)
+    in_flight: dict[int, Batch] = field(default_factory=dict)  # restored from a checkpoint (pipeline.py)
 
     def __post_init__(self) -> None:
         inner = getattr(self.student, "module", self.student)  # DDP keeps the module as .module
@@ -112,13 +116,14 @@ class Run:
             self.policy = self.lm
 
 
-async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, eps: float) -> Rollout:
+async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, eps: float, step: int,
+                   policy: torch.nn.Module) -> Rollout:
     """Rollouts of global batch rows `rows`, each row sampled from its own (seed, step, row) stream."""
     cfg, tok = run.cfg, run.tokenizer
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    generator = RowGenerators.seeded(cfg.train.seed, run.step, rows, run.dist.device)
-    run.policy.eval()
-    rollout = await generate(run.policy, prompts, behavior, eps, run.teacher, cfg.teacher.top_k,
+    generator = RowGenerators.seeded(cfg.train.seed, step, rows, run.dist.device)
+    policy.eval()
+    rollout = await generate(policy, prompts, behavior, eps, run.teacher, cfg.teacher.top_k,
                              cfg.train.max_new_tokens, tok.eos_token_id, tok.pad_token_id, generator,
                              decoder=cfg.student.decoder)
     if rollout.targets is None:
@@ -140,25 +145,41 @@ def _micro_batches(rollouts: list[Rollout], micro: int) -> list[Rollout]:
     return [r.rows(i, i + micro) for r in rollouts for i in range(0, r.tokens_B_T.shape[0], micro)]
 
 
+async def rollout_batch(run: Run, step: int, policy: torch.nn.Module) -> list[Rollout]:
+    """This rank's rows of step `step`'s batch, rolled out by `policy` under that step's behavior and ε
+    (also when a stale policy samples it ahead of time: pipeline.py), `rollout_batch_size` at a time
+    (one decode loop and teacher session each). Rows sample from their own streams, so the split
+    changes no token."""
+    cfg = run.cfg
+    name, eps = method_plan(cfg, step)
+    behavior = _behavior(cfg, name)
+    rows = run.dist.rows(cfg.train.batch_size)
+    problems = run.data.train_batch(step, cfg.train.batch_size)[rows.start : rows.stop]
+    per_rollout = cfg.train.rollout_batch_size or len(rows)
+    return [await _rollout(run, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps, step, policy)
+            for i in range(0, len(rows), per_rollout)]
+
+
 async def train_step(run: Run) -> dict[str, Any]:
-    """One optimizer step over the global batch: this rank's rows are rolled out `rollout_batch_size`
-    at a time (one decode loop and teacher session each), then backpropagated in `accum_steps`
-    micro-batches. Rows sample from their own streams, so neither split changes a token.
+    """One optimizer step, rollouts then update (train.max_staleness=0)."""
+    started = time.perf_counter()
+    rollouts = await rollout_batch(run, run.step, run.policy)
+    return {**learn(run, rollouts, started), "policy_version": run.step, "staleness": 0}
+
+
+def learn(run: Run, rollouts: list[Rollout], started: float | None = None) -> dict[str, Any]:
+    """The update of optimizer step `run.step` on its rollouts, backpropagated in `accum_steps`
+    micro-batches (no event loop needed: the pipeline runs it in a worker thread).
 
     The loss is Σ KL over every response token of the global batch / their number. DDP and FSDP
     average gradients over ranks, so each rank divides its sum by (global tokens / world): the
     average is then the gradient of that token-mean, whatever the world size or micro-batch split.
     Loss and gradient norm are global, so a non-finite step is skipped on every rank alike.
     """
-    cfg, d, started = run.cfg, run.dist, time.perf_counter()
+    cfg, d, started = run.cfg, run.dist, started or time.perf_counter()
     name, eps = method_plan(cfg, run.step)
     loss_name, beta = loss_plan(cfg, run.step)
-    behavior = _behavior(cfg, name)
     rows = d.rows(cfg.train.batch_size)
-    problems = run.data.train_batch(run.step, cfg.train.batch_size)[rows.start : rows.stop]
-    per_rollout = cfg.train.rollout_batch_size or len(rows)
-    rollouts = [await _rollout(run, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps)
-                for i in range(0, len(rows), per_rollout)]
     (n_tokens,) = distributed.all_sum(d, sum(int(r.response_lens_B.sum()) for r in rollouts))
     micro_batches = _micro_batches(rollouts, len(rows) // cfg.optim.accum_steps)
     run.optimizer.zero_grad(set_to_none=True)
@@ -188,18 +209,21 @@ async def train_step(run: Run) -> dict[str, Any]:
             **summarize(diags)}
 
 
-def _save(run: Run) -> None:
+def _save(run: Run, in_flight: dict[int, Batch] | None = None) -> None:
     """Rank 0 writes the checkpoint; every rank calls this (FSDP gathers the optimizer state).
 
     The weights saved are the float32 masters: the unsharded `lm` when there is one, else (FSDP)
-    the gathered state, written through the plain copy's `save_pretrained`.
+    the gathered state, written through the plain copy's `save_pretrained`. Under
+    max_staleness > 0 it also holds every rank's batches in flight (sampled by older versions).
     """
+    batches = distributed.gather(run.dist, in_flight or {})
     optimizer = distributed.optimizer_state(run.student, run.optimizer, run.dist)
     fsdp = run.dist.launched and run.cfg.train.parallel == "fsdp"
     weights = distributed.full_state_dict(run.student) if fsdp and run.policy.dtype != torch.float32 else None
     if run.dist.main:
         state = {"step": run.step, "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
-                 "rng": checkpoint.rng_state(), "config": run.cfg.public()}
+                 "rng": checkpoint.rng_state(), "config": run.cfg.public(),
+                 "in_flight": batches}
         checkpoint.save(run.out / "checkpoints", run.step, run.policy if fsdp else run.lm, run.tokenizer,
                         state, run.cfg.train.keep_checkpoints, state_dict=weights)
 
@@ -293,6 +317,8 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
                 checkpoint.set_rng_state(state["rng"])
                 run.step = state["step"]
                 distributed.refresh_policy(run.student, student, run.policy)
+                in_flight = state.get("in_flight") or []
+                run.in_flight = in_flight[d.rank] if len(in_flight) == d.world else {}
             return await _loop(run)
     finally:
         if local is not None:
@@ -307,9 +333,13 @@ async def _loop(run: Run) -> dict[str, Any]:
     if first:
         log.log(first)
     started, bad = time.perf_counter(), 0
+    pipe = None
+    if cfg.train.max_staleness:
+        pipe = Pipeline(functools.partial(rollout_batch, run), run.policy, run.step, cfg.train.steps,
+                        cfg.train.max_staleness, run.in_flight).start()
     try:
         while run.step < cfg.train.steps:
-            record = await train_step(run)
+            record = await (pipe.train(run.step, functools.partial(learn, run)) if pipe else train_step(run))
             bad = bad + 1 if record["skipped"] else 0
             if bad:
                 log.note(f"[yellow]step {record['step']}: non-finite loss or gradient; update skipped")
@@ -322,7 +352,7 @@ async def _loop(run: Run) -> dict[str, Any]:
             log.log(record)
             log.advance(record)
             if cfg.train.save_every and run.step % cfg.train.save_every == 0:
-                _save(run)
+                _save(run, await pipe.in_flight(run.step) if pipe else None)
         last = await evaluate()
         log.log({**last, "final": True})
         _save(run)
@@ -330,6 +360,9 @@ async def _loop(run: Run) -> dict[str, Any]:
     except BaseException:
         log.close()
         raise
+    finally:
+        if pipe is not None:
+            await pipe.close()
     summary = {"steps": run.step, "final_accuracy": last.get("eval_accuracy"), "final_probe_kl": last.get("probe_kl"),
                "wall_s": round(time.perf_counter() - started, 1), "out_dir": str(run.out)}
     if first:
