@@ -66,6 +66,7 @@ class Server:
         self.metrics.cache_bytes.set(self.sessions.nbytes)
         self.metrics.quarantined.set(self.scheduler.quarantine.total)
         self.metrics.restarts.set(getattr(self.backend, "restarts", 0))
+        self.metrics.busy.set(int(self.scheduler.busy))
         self.metrics.hung.set(getattr(self.backend, "hung", 0))
 
 
