@@ -183,6 +183,7 @@ class ErrorCode:
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
+    QUARANTINED = "quarantined"  # the request crashed the model twice: never retry it
     UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"
 

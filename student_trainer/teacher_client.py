@@ -39,7 +39,7 @@ from shared.protocol import (
 )
 from student_trainer.topk import TeacherTopK
 
-_RETRY_STATUS = {429, 502, 503, 504}
+_RETRY_STATUS = {429, 502, 503, 504}  # never a 4xx: a 422 `quarantined` request would crash the teacher again
 _TRANSPORT_ERRORS = (httpx.TransportError,)
 
 

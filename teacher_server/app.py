@@ -22,10 +22,15 @@ from teacher_server.backends.factory import load_backend
 from teacher_server.deps import client_of
 from teacher_server.errors import error_response, install_error_handlers
 from teacher_server.metrics import Metrics
+from teacher_server.quarantine import Quarantine
 from teacher_server.routes import router
 from teacher_server.scheduler import FairScheduler
 from teacher_server.sessions import SessionStore
 from teacher_server.settings import ServerSettings
+
+# At shutdown uvicorn has given requests `shutdown_grace_s` to finish, then cut them off; a model call
+# still running belongs to no one, so the worker gets this long to answer before it is killed.
+ORPHAN_GRACE_S = 5.0
 
 
 def build_backend(cfg: ServerSettings) -> Backend:
@@ -34,7 +39,8 @@ def build_backend(cfg: ServerSettings) -> Backend:
         return load_backend(cfg)
     from teacher_server.worker import ProcessBackend
 
-    return ProcessBackend(functools.partial(load_backend, cfg))
+    return ProcessBackend(functools.partial(load_backend, cfg), deadline_s=cfg.forward_deadline_s or None,
+                          deadline_per_token_s=cfg.forward_deadline_per_token_s, grace_s=ORPHAN_GRACE_S)
 
 
 class Server:
@@ -43,7 +49,8 @@ class Server:
     def __init__(self, cfg: ServerSettings, backend: Backend) -> None:
         self.cfg, self.backend, self.metrics = cfg, backend, Metrics()
         self.scheduler = FairScheduler(backend, cfg.max_queue, cfg.batch_tokens,
-                                       on_charge=lambda c, s: self.metrics.model_seconds.labels(c).inc(s))
+                                       on_charge=lambda c, s: self.metrics.model_seconds.labels(c).inc(s),
+                                       quarantine=Quarantine(cfg.quarantine_s))
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions, cfg.max_session_bytes)
 
     def model_info(self) -> ModelInfo:
@@ -58,6 +65,10 @@ class Server:
         self.metrics.queue_depth.set(self.scheduler.depth)
         self.metrics.active_sessions.set(len(self.sessions))
         self.metrics.cache_bytes.set(self.sessions.nbytes)
+        self.metrics.quarantined.set(self.scheduler.quarantine.total)
+        self.metrics.restarts.set(getattr(self.backend, "restarts", 0))
+        self.metrics.busy.set(int(self.scheduler.busy))
+        self.metrics.hung.set(getattr(self.backend, "hung", 0))
 
 
 class Gatekeeper:
@@ -119,7 +130,7 @@ def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], 
             yield
         finally:
             await server.scheduler.stop()
-            backend.close()
+            await asyncio.to_thread(backend.close)
 
     app = FastAPI(title="TRB teacher server", version="0.1.0", lifespan=lifespan,
                   description="Next-token logprobs of a frozen teacher LM, for on-policy distillation.")

@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-thread", action="store_false", default=None, dest="model_process",
                        help="Run the model on a thread of the server process instead of a worker process "
                        "(debugging; slower under load).")
+    serve.add_argument("--forward-deadline", type=float, default=None, dest="forward_deadline_s",
+                       help="Watchdog (s, default 120; 0 = off): a model call longer than this (+ "
+                       "--forward-deadline-per-token per token) gets the worker killed and restarted.")
+    serve.add_argument("--forward-deadline-per-token", type=float, default=None, dest="forward_deadline_per_token_s")
+    serve.add_argument("--shutdown-grace", type=float, default=None, dest="shutdown_grace_s",
+                       help="Seconds in-flight work may finish after SIGTERM (default 30).")
+    serve.add_argument("--quarantine", type=float, default=None, dest="quarantine_s",
+                       help="Seconds a request that crashed the model twice is refused (default 600).")
     serve.add_argument("--api-keys-file", default=None, help="File of name:secret lines; or set TRB_TEACHER_API_KEYS.")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="Allow a non-loopback --host without API keys (trusted networks only).")
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=max(1, round(cfg.shutdown_grace_s)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -11,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from shared import codec
 from shared.protocol import ErrorCode, ErrorResponse, float_dtype
 from teacher_server.errors import ApiError, from_validation_error
+from teacher_server.quarantine import Quarantined
 from teacher_server.scheduler import TIMING, Overloaded
 from teacher_server.worker import WorkerDied
 
@@ -22,9 +25,29 @@ MAX_CLIENT_LABEL = 64
 
 
 def client_of(request: Request) -> str:
-    """The metrics label of a caller: its API key's name when keys are on, else X-Client-Id."""
+    """Who a request is charged to in the fair scheduler (its standing), and its metrics label.
+
+    With API keys, the key's name. Without keys, X-Client-Id is taken at its word only from a loopback
+    peer: such a caller is a process on the server's own machine, which could stop or starve the
+    server anyway, and several experiments on one machine have no other name to tell them apart.
+    From any other peer the standing is its address, whatever id it declares, so a caller cannot
+    rotate ids to get a fresh zero-use standing each time (clients behind one NAT or proxy share it).
+    """
     named = getattr(request.state, "key_name", None)
-    return named or (request.headers.get("x-client-id") or "anonymous")[:MAX_CLIENT_LABEL]
+    if named:
+        return named
+    host = request.client.host if request.client else ""
+    if _loopback(host):
+        return (request.headers.get("x-client-id") or "anonymous")[:MAX_CLIENT_LABEL]
+    return f"peer:{host}"[:MAX_CLIENT_LABEL]
+
+
+@functools.lru_cache(maxsize=1024)
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "testclient"  # Starlette's in-process test client
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
@@ -100,5 +123,7 @@ async def run_queued(server: Server, coro: Any) -> Any:
         return await coro
     except Overloaded as exc:
         raise ApiError(503, ErrorCode.OVERLOADED, str(exc), headers={"Retry-After": "1"}) from exc
+    except Quarantined as exc:  # 4xx: clients retry 503s, and this one would crash the model again
+        raise ApiError(422, ErrorCode.QUARANTINED, str(exc)) from exc
     except WorkerDied as exc:  # a new worker is already serving: the retry will be answered
         raise ApiError(503, ErrorCode.NOT_READY, str(exc), headers={"Retry-After": "1"}) from exc

@@ -32,6 +32,13 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("trb_teacher_queue_depth", "Jobs waiting for the model.", registry=r)
         self.active_sessions = Gauge("trb_teacher_active_sessions", "Open decoding sessions.", registry=r)
+        self.quarantined = Gauge("trb_teacher_quarantined_requests", "Requests quarantined so far: each "
+                                 "crashed the model twice and is refused (422 quarantined) for a while.", registry=r)
+        self.restarts = Gauge("trb_teacher_worker_restarts", "Model workers restarted so far (died or hung).",
+                              registry=r)
+        self.busy = Gauge("trb_teacher_model_busy", "1 while a model call runs (stuck at 1: a hung forward).",
+                          registry=r)
+        self.hung = Gauge("trb_teacher_worker_hung", "Model workers killed by the watchdog so far.", registry=r)
         self.cache_bytes = Gauge("trb_teacher_session_cache_bytes", "Bytes held by session KV caches.",
                                  registry=r)
 

@@ -20,6 +20,9 @@ same budget bounds how long the model is held at once: a score request larger th
 split by sequences into chunks that queue one after another, and a long session prefill runs as
 several forwards (`open_session`), so a light client waits for at most one chunk, never a whole
 heavy request (chunked prefill, as serving engines do for the same reason).
+
+Each job carries a fingerprint for the poison-request quarantine (`quarantine.py`): a job that was
+in a crash runs alone, and one in two crashes is refused before it is queued.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from typing import Any
 
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, SessionState, StepArrays
+from teacher_server.quarantine import Quarantine, Quarantined, fingerprint
+from teacher_server.worker import WorkerDied
 
 # (seconds queued, seconds on the model) of the request handled in this task, for `Server-Timing`:
 # a client can tell the teacher's queueing from its own and the network's share of a latency.
@@ -54,6 +59,7 @@ class _Job:
     tokens: int
     request: ScoreRequest | None = None  # a score job when set
     call: Callable[[], Any] | None = None  # otherwise: run this on the model thread
+    fingerprint: str = ""  # what the quarantine knows the request by ("" for session extends)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float = 0.0
@@ -62,8 +68,10 @@ class _Job:
 
 class FairScheduler:
     def __init__(self, backend: Backend, max_queue: int, max_batch_tokens: int,
-                 on_charge: Callable[[str, float], None] | None = None) -> None:
+                 on_charge: Callable[[str, float], None] | None = None,
+                 quarantine: Quarantine | None = None) -> None:
         self.backend = backend
+        self.quarantine = quarantine or Quarantine()
         self.on_charge = on_charge  # told each client's model seconds (the metrics)
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
@@ -89,10 +97,11 @@ class FairScheduler:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # a call in flight ends when the backend closes (worker.py)
 
     async def score(self, client: str, request: ScoreRequest) -> list[SequenceScores]:
-        jobs = [_Job(client=client, tokens=sum(len(s) for s in part.sequences), request=part)
+        jobs = [_Job(client=client, tokens=sum(len(s) for s in part.sequences), request=part,
+                     fingerprint=fingerprint("score", part.sequences, part.model_dump_json(exclude={"sequences"})))
                 for part in split_request(request, self.max_batch_tokens)]
         return [seq for part in await self._run_jobs(jobs) for seq in part]
 
@@ -105,11 +114,12 @@ class FairScheduler:
         rows that are longer; each row's answer is the step where its prompt ended.
         """
         backend, tokens = self.backend, sum(len(s) for s in sequences)
+        fp = fingerprint("open", sequences, f"top_k={top_k}")  # every chunk is blamed on the whole request
         if tokens <= self.max_batch_tokens or not backend.info.kv_sessions:
-            return await self.call(client, lambda: backend.open_session(sequences, top_k), tokens)
+            return await self.call(client, lambda: backend.open_session(sequences, top_k), tokens, fp)
         width = max(1, self.max_batch_tokens // len(sequences))
         head = [s[:width] for s in sequences]
-        state, step = await self.call(client, lambda: backend.open_session(head, top_k), sum(map(len, head)))
+        state, step = await self.call(client, lambda: backend.open_session(head, top_k), sum(map(len, head)), fp)
         # rows whose prompt ended in the first forward keep its answer; later forwards overwrite the rest
         answer = StepArrays(step.top_ids.copy(), step.top_logprobs.copy(), step.tail_logprob.copy())
         for offset in range(width, max(map(len, sequences)), width):
@@ -117,20 +127,22 @@ class FairScheduler:
             part = [sequences[r][offset : offset + width] for r in rows]
             step = await self.call(
                 client, lambda rows=rows, part=part: backend.extend_session(state, rows, part, top_k),
-                sum(map(len, part)))
+                sum(map(len, part)), fp)
             ended = [i for i, r in enumerate(rows) if len(sequences[r]) <= offset + width]
             _fill(answer, [rows[i] for i in ended], step, ended)
         return state, answer
 
-    async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1) -> Any:
+    async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1, fingerprint: str = "") -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""
-        (result,) = await self._run_jobs([_Job(client=client, tokens=tokens, call=fn)])
+        (result,) = await self._run_jobs([_Job(client=client, tokens=tokens, call=fn, fingerprint=fingerprint)])
         return result
 
     async def _run_jobs(self, jobs: list[_Job]) -> list[Any]:
         """Queue one request's jobs (its chunks, in order) and wait for all of them."""
         if self._depth >= self.max_queue:
             raise Overloaded(f"the teacher queue is full ({self.max_queue} requests waiting)")
+        if any(self.quarantine.blocked(j.fingerprint) for j in jobs):
+            raise _refusal()
         self._queues.setdefault(jobs[0].client, deque()).extend(jobs)
         self._depth += len(jobs)
         self._wakeup.set()
@@ -155,6 +167,8 @@ class FairScheduler:
         self._depth -= 1
         if not queue:
             del self._queues[client]
+        if not job.future.done() and self.quarantine.blocked(job.fingerprint):  # quarantined while queued
+            job.future.set_exception(_refusal())
         return None if job.future.done() else job  # a client that hung up: skip its job
 
     def _next_batch(self) -> list[_Job]:
@@ -165,15 +179,15 @@ class FairScheduler:
                 break
         else:
             return []
-        if first.request is None:
-            return [first]
+        if first.request is None or self.quarantine.suspect(first.fingerprint):
+            return [first]  # session steps own their cache; a suspect runs alone, to be blamed alone
         batch, tokens, grew = [first], first.tokens, True
         while grew:  # pass over the clients, least served first, until nothing more fits
             grew = False
             for client in self._order():
                 head = self._queues[client][0]
-                if (head.request is None or head.tokens > 2 * first.tokens
-                        or tokens + head.tokens > self.max_batch_tokens):
+                if (head.request is None or self.quarantine.suspect(head.fingerprint)
+                        or head.tokens > 2 * first.tokens or tokens + head.tokens > self.max_batch_tokens):
                     continue
                 job = self._pop_from(client)
                 grew = True
@@ -224,12 +238,19 @@ class FairScheduler:
                 for job, result in zip(batch, results, strict=True):
                     if not job.future.done():
                         job.future.set_result(result)
-            except Exception as exc:  # delivered to each waiting request, which answers 500
+            except Exception as exc:  # delivered to each waiting request, which answers 503 or 500
+                crashed = isinstance(exc, WorkerDied)
+                newly = self.quarantine.strike(j.fingerprint for j in batch) if crashed else set()
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(_refusal() if job.fingerprint in newly else exc)
             finally:
                 self.busy = False
+
+
+def _refusal() -> Quarantined:
+    return Quarantined("this request crashed the model twice; it is refused for a while (quarantined), "
+                       "do not retry it")
 
 
 def _fill(answer: StepArrays, rows: list[int], step: StepArrays, picks: list[int]) -> None:

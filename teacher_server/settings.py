@@ -47,6 +47,14 @@ class ServerSettings(BaseSettings):
     threads: int | None = None
     model_process: bool = Field(True, description="Run the model in a worker process, so that its Python does "
                                 "not share the interpreter lock with the HTTP work (off: a thread, for debugging).")
+    forward_deadline_s: float = Field(120.0, ge=0, description="Watchdog: a model call that runs longer than "
+                                      "this plus forward_deadline_per_token_s per token gets the worker killed "
+                                      "and restarted (its requests answer 503). 0 turns it off.")
+    forward_deadline_per_token_s: float = Field(0.01, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long requests in flight may finish "
+                                    "before they are cut off and the model worker is killed.")
+    quarantine_s: float = Field(600.0, gt=0, description="How long a request that crashed the model twice is "
+                                "refused (422 quarantined).")
     max_body_bytes: int = 64 << 20
     api_keys: str | None = Field(None, description="name:secret,... (prefer api_keys_file).")
     api_keys_file: str | None = None

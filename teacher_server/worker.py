@@ -14,6 +14,12 @@ never waits behind a forward in progress.
 If the worker dies (killed, out of memory), the call in flight fails with `WorkerDied`, a new
 worker loads the model, and the sessions the old one held are gone: their next extend answers
 `session_not_found`, which clients already handle by rebuilding from their prefixes.
+
+A watchdog bounds each call: with `deadline_s` set, a call that has not answered within
+`deadline_s + deadline_per_token_s * tokens` gets the worker killed and restarted, and fails with
+`WorkerHung` (503), so one hung forward cannot block every tenant, or shutdown, for good. (In
+`--model-thread` mode there is no watchdog: a thread cannot be killed.) `close` waits up to
+`grace_s` for the call in flight, then kills the worker, so no process outlives the server.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shared.protocol import ScoreRequest, SequenceScores
+from teacher_server import faults
 from teacher_server.backends.base import Backend, SessionState, StepArrays
 
 log = logging.getLogger("teacher_server.worker")
@@ -39,6 +46,10 @@ RESTART_PAUSE_S = 10.0  # after a failed restart, requests get 503 for this long
 
 class WorkerDied(RuntimeError):
     """The model process exited during a call; a new one has been started."""
+
+
+class WorkerHung(WorkerDied):
+    """A call outran the watchdog's deadline; the worker was killed and a new one started."""
 
 
 class SessionLost(KeyError):
@@ -70,8 +81,12 @@ class RemoteSession(SessionState):
 class ProcessBackend(Backend):
     """Runs `factory()`'s backend in a spawned process; `factory` must be picklable."""
 
-    def __init__(self, factory: Callable[[], Backend]) -> None:
+    def __init__(self, factory: Callable[[], Backend], deadline_s: float | None = None,
+                 deadline_per_token_s: float = 0.0, grace_s: float = 30.0) -> None:
         self._factory = factory
+        self.deadline_s, self.deadline_per_token_s, self.grace_s = deadline_s, deadline_per_token_s, grace_s
+        self._closing = False
+        self.hung = 0  # workers the watchdog killed
         self._ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self._lock = threading.Lock()  # one call on the pipe at a time
         self._drops: deque[int] = deque()  # closed sessions, freed with the next call
@@ -102,24 +117,47 @@ class ProcessBackend(Backend):
         self._drops.clear()
         self.generation += 1
 
-    def _call(self, op: str, *args: Any) -> Any:
+    def _call(self, op: str, *args: Any, tokens: int = 0) -> Any:
         with self._lock:
+            if self._closing:
+                raise WorkerDied("the server is shutting down")
             if self._conn is None:  # the last restart failed: try again (after a pause), or answer 503
                 self._restart()
             drops = [self._drops.popleft() for _ in range(len(self._drops))]
             try:
                 self._conn.send((op, args, drops))
-                kind, payload = self._conn.recv()
+                kind, payload = self._answer(op, tokens)
             except (EOFError, OSError) as exc:
                 code = self._reap()
                 log.error("the model process died (exit code %s) during %s; starting a new one", code, op)
-                self.restarts += 1
-                self._restart()
+                self._replace()
                 raise WorkerDied(f"the model process died (exit code {code}); a new one is serving, "
                                  "open sessions were lost") from exc
         if kind == "error":
             raise payload
         return payload
+
+    def _answer(self, op: str, tokens: int) -> tuple[str, Any]:
+        """The worker's reply, or kill it and raise `WorkerHung` once the deadline has passed."""
+        if self.deadline_s is not None:
+            limit = self.deadline_s + self.deadline_per_token_s * tokens
+            if not self._conn.poll(limit):
+                self._proc.kill()
+                self._reap()
+                self.hung += 1
+                log.error("the model process ran %s of %d tokens for over %.1f s; killed it, starting a new one",
+                          op, tokens, limit)
+                self._replace()
+                raise WorkerHung(f"the model ran {op} for over {limit:.1f} s (the deadline for {tokens} tokens) "
+                                 "and was restarted; open sessions were lost")
+        return self._conn.recv()
+
+    def _replace(self) -> None:
+        """Start the next worker after one died, unless the server is shutting down."""
+        self.restarts += 1
+        if self._closing:
+            raise WorkerDied("the model process stopped while the server shuts down")
+        self._restart()
 
     def _reap(self) -> int | None:
         """Close the pipe and make sure the old process is gone (killed if it lingers); its exit code."""
@@ -157,29 +195,38 @@ class ProcessBackend(Backend):
         return self._proc.pid if self._conn is not None else None
 
     def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
-        return self._call("score", requests)
+        return self._call("score", requests, tokens=sum(len(s) for r in requests for s in r.sequences))
 
     def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[RemoteSession, StepArrays]:
         sid = next(self._ids)
-        lengths, nbytes, step = self._call("open", sid, sequences, top_k)
+        lengths, nbytes, step = self._call("open", sid, sequences, top_k, tokens=sum(map(len, sequences)))
         return RemoteSession(self, sid, self.generation, lengths, nbytes), step
 
     def extend_session(self, state: RemoteSession, rows: list[int],  # type: ignore[override]
                        tokens: list[list[int]], top_k: int) -> StepArrays:
         if state.generation != self.generation:
             raise SessionLost(state.sid)
-        state.lengths, state._nbytes, step = self._call("extend", state.sid, rows, tokens, top_k)
+        state.lengths, state._nbytes, step = self._call("extend", state.sid, rows, tokens, top_k,
+                                                        tokens=sum(map(len, tokens)))
         return step
 
     def close(self) -> None:
-        with self._lock:
+        """Let the call in flight finish for up to `grace_s`, then stop the worker (killed if it must be)."""
+        self._closing = True
+        if not self._lock.acquire(timeout=self.grace_s):
+            log.warning("the model call in flight outlasted the %.0f s grace period; killing the worker", self.grace_s)
+            self._proc.kill()  # the call sees EOF and, as we are closing, starts no new worker
+            self._lock.acquire()
+        try:
             if self._conn is not None:
                 self._conn.close()  # the worker reads EOF and exits
                 self._conn = None
-                self._proc.join(timeout=30)
+                self._proc.join(timeout=self.grace_s)
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join()
+        finally:
+            self._lock.release()
 
 
 def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
@@ -194,6 +241,7 @@ def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
         return
     conn.send(("ok", backend.info))
     sessions: dict[int, SessionState] = {}
+    hooks = faults.enabled()  # test-only: crash or hang on a marked request
     while True:
         try:
             op, args, drops = conn.recv()
@@ -201,6 +249,8 @@ def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
             break
         for sid in drops:
             sessions.pop(sid, None)
+        if hooks and op in ("score", "open"):
+            faults.trip([seq for r in args[0] for seq in r.sequences] if op == "score" else args[1])
         try:
             if op == "score":
                 result: Any = backend.score(*args)
