@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from student_trainer.tasks.math import INSTRUCTION
+from student_trainer.trackers import check_installed
 
 Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]  # docs/methods.md
 
@@ -144,6 +145,17 @@ class TrainCfg(_Section):
                                           "the backward); None: ~2^25 logits a chunk; 0: full logits at once.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP replicates the student, "
                                              "FSDP2 shards it (GPU-sized students); unused in one process.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] | None = Field(
+        None, description="Trackers that also get metrics.jsonl's scalars, the config and training.png, each an "
+                          "extra (pip install 'trb-distill[wandb]'); null: tensorboard when installed; [] none.")
+    tracker_project: str = Field("trb-distill", description="Project (W&B, trackio) or experiment (MLflow) name; "
+                                 "the run is named after out_dir.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str] | None) -> list[str] | None:
+        check_installed(names or [])  # at config time, not at the first log call
+        return names
 
 
 class Config(_Section):

@@ -27,7 +27,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_trainer import checkpoint, distributed, startup
+from student_trainer import checkpoint, distributed, startup, trackers
 from student_trainer.behaviors import Behavior, make_behavior
 from student_trainer.config import Config
 from student_trainer.data import TaskData
@@ -298,9 +298,16 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
             local.stop()
 
 
+def _run_log(run: Run) -> RunLog:
+    t = run.cfg.train
+    tracked = trackers.open_trackers(trackers.resolve(t.report_to), run.out, run.cfg.public(), run.out.name,
+                                     t.tracker_project, resume=run.step > 0)
+    return RunLog(run.out, t.steps, run.step, progress=t.progress, trackers=tracked)
+
+
 async def _loop(run: Run) -> dict[str, Any]:
     cfg = run.cfg
-    log = RunLog(run.out, cfg.train.steps, run.step, progress=cfg.train.progress) if run.dist.main else NullLog()
+    log = _run_log(run) if run.dist.main else NullLog()
     evaluate = await _evaluator(run)
     first = await evaluate() if run.step == 0 else None
     if first:
