@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from student_trainer.tasks.math import INSTRUCTION
+from student_trainer.tasks.math_grader import INSTALL_HINT, Grader, math_verify_installed
 from student_trainer.trackers import check_installed
 
 Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]  # docs/methods.md
@@ -99,6 +100,15 @@ class DataCfg(_Section):
     instruction: str = Field(INSTRUCTION, description="math: appended to every question.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  description="math: e.g. {enable_thinking: false} for Qwen3.")
+    grader: Grader = Field("auto", description="math: answer equality by math-verify (symbolic; the math extra) or "
+                           "the string normaliser; auto: math-verify when installed (docs/math.md).")
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_installed(cls, grader: Grader) -> Grader:
+        if grader == "math_verify" and not math_verify_installed():
+            raise ValueError(f"math-verify is not installed; {INSTALL_HINT}, or use auto / normalize")
+        return grader
 
     @model_validator(mode="after")
     def _math_needs_a_file(self) -> DataCfg:

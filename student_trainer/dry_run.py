@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.protocol import ModelInfo
-from student_trainer import checkpoint, startup
+from student_trainer import checkpoint, startup, trackers
 from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.teacher_client import TeacherClient
@@ -68,6 +68,7 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     """The plan as lines ("key  value"); a TrainingError, TeacherError or ModelSourceError at the first problem."""
     out = Path(cfg.train.out_dir)
     found = startup.check_sources(cfg, student=not resume)
+    startup.grader_note(cfg)
     ckpt = checkpoint.latest(out / "checkpoints") if resume else None
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint under {out / 'checkpoints'}")
@@ -106,5 +107,6 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
                       f"{t.max_new_tokens} new tokens ({t.steps * t.batch_size * t.max_new_tokens:,} at most), "
                       f"teacher top-{cfg.teacher.top_k}"),
               ("eval", f"{'' if resume else 'at the start, '}{evals}at the end: accuracy and probe KL"),
-              ("checkpoints", _checkpoints(cfg, out, ckpt, resume))]
+              ("checkpoints", _checkpoints(cfg, out, ckpt, resume)),
+              ("trackers", ", ".join(trackers.resolve(t.report_to)) or "none (metrics.jsonl only)")]
     return [f"  {key:<12} {value}" for key, value in lines]

@@ -265,6 +265,7 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     startup.check_sources(cfg, student=not resume)
     out = Path(cfg.train.out_dir)
     if d.main:
+        startup.grader_note(cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.public(), sort_keys=False))
     if cfg.train.threads:

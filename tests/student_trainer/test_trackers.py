@@ -27,7 +27,7 @@ def test_scalars_are_the_numeric_fields_less_step_and_final() -> None:
 def test_a_missing_tracker_fails_at_config_time_naming_the_key_and_extra(monkeypatch) -> None:
     monkeypatch.setattr(trackers, "installed", lambda name: name != "wandb")
     base = ["student.path=x", "teacher.model=y"]
-    with pytest.raises(ConfigError, match=r"train\.report_to: wandb is not installed; pip install 'trb-distill\[wandb\]'"):
+    with pytest.raises(ConfigError, match=r"train\.report_to: wandb is not installed; .*'trb-distill\[wandb\]'"):
         load_config(None, [*base, "train.report_to=[tensorboard, wandb]"])
     with pytest.raises(ConfigError, match=r"train\.report_to"):
         load_config(None, [*base, "train.report_to=[comet]"])
