@@ -16,7 +16,8 @@ from student_trainer.tasks.math import INSTRUCTION
 from student_trainer.tasks.math_grader import INSTALL_HINT, Grader, math_verify_installed
 from student_trainer.trackers import check_installed
 
-Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]  # docs/methods.md
+# docs/methods.md
+Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto", "offline_kd"]
 
 
 class _Section(BaseModel):
@@ -83,6 +84,9 @@ class MethodCfg(_Section):
         "forward", description="Veto's loss: forward KL(q_β‖π_S) (the paper's main form) or reverse KL(π_S‖q_β).")
     veto_schedule: Literal["linear", "constant"] = Field(
         "linear", description="Veto's β: linear decay to 0 over train.steps (the authors'), or constant.")
+    offline_loss: Literal["reverse_kl", "forward_kl"] = Field(
+        "reverse_kl", description="offline_kd's loss on the stored completions: reverse KL(π_S‖π̂_T) or forward "
+                                  "KL(π̂_T‖π_S), both to the stored top-k + tail.")
 
 
 class DataCfg(_Section):
@@ -100,6 +104,8 @@ class DataCfg(_Section):
     instruction: str = Field(INSTRUCTION, description="math: appended to every question.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  description="math: e.g. {enable_thinking: false} for Qwen3.")
+    offline_path: str | None = Field(None, description="offline_kd: a `trb-teacher export` folder (stored "
+                                     "completions and teacher top-k; docs/offline.md).")
     grader: Grader = Field("auto", description="math: answer equality by math-verify (symbolic; the math extra) or "
                            "the string normaliser; auto: math-verify when installed (docs/math.md).")
 
@@ -186,6 +192,8 @@ class Config(_Section):
         if self.train.precision == "bf16-mixed" and self.student.dtype != "float32":
             raise ValueError("train.precision: bf16-mixed keeps float32 master weights; set student.dtype=float32 "
                              "(student.dtype=bfloat16 with precision=fp32 trains in pure bf16)")
+        if self.method.name == "offline_kd" and self.data.offline_path is None:
+            raise ValueError("data.offline_path: method.name=offline_kd trains on a `trb-teacher export` folder")
         if self.method.name == "skd" and self.method.skd_top_k > self.teacher.top_k:
             raise ValueError(f"method.skd_top_k: {self.method.skd_top_k} exceeds teacher.top_k={self.teacher.top_k}")
         return self

@@ -29,7 +29,11 @@ def _method(cfg: Config) -> str:
             "trb": f"trb: blend eps {m.eps0} annealed ({m.schedule}) to 0 over {m.horizon} steps, then as opd",
             "fixed_eps": f"fixed_eps: blend at a constant eps {m.eps0}",
             "skd": f"skd: the student proposes, the teacher's top-{m.skd_top_k} accepts or the teacher samples",
-            "sft_warmup": f"sft_warmup: teacher rollouts for {m.horizon} steps, then as opd"}[m.name]
+            "sft_warmup": f"sft_warmup: teacher rollouts for {m.horizon} steps, then as opd",
+            "teacher_warmup": f"teacher_warmup: teacher rollouts for {m.horizon} steps, then as opd",
+            "veto": f"veto: student rollouts, {m.veto_divergence} KL to the veto target from beta {m.veto_beta}",
+            "offline_kd": f"offline_kd: no rollouts; stored completions and teacher top-k from "
+                          f"{cfg.data.offline_path} ({m.offline_loss})"}.get(m.name, m.name)
 
 
 def _teacher_limits(cfg: Config, info: ModelInfo, longest: int) -> None:

@@ -33,6 +33,7 @@ from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
+from student_trainer.offline_data import OfflineData
 from student_trainer.rollout import Rollout, generate, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
 from student_trainer.run_log import NullLog, RunLog
@@ -57,6 +58,8 @@ def method_plan(cfg: Config, step: int) -> tuple[str, float]:
         return ("teacher", 0.0) if step < m.horizon else ("opd", 0.0)
     if m.name == "veto":
         return "opd", 0.0
+    if m.name == "offline_kd":
+        return "offline", 0.0  # no rollouts: stored completions (offline_data.py)
     return m.name, 0.0
 
 
@@ -67,6 +70,8 @@ def loss_plan(cfg: Config, step: int) -> tuple[str, float]:
         return f"veto_{m.veto_divergence}", veto_beta(m.veto_schedule, step, m.veto_beta, cfg.train.steps)
     if m.name == "sft_warmup" and step < m.horizon:
         return m.sft_loss, 0.0
+    if m.name == "offline_kd":
+        return m.offline_loss, 0.0
     return "reverse_kl", 0.0
 
 
@@ -101,6 +106,7 @@ class Run:
     lm: torch.nn.Module | None = None  # the master CausalLM inside `student` (default: student.lm)
     policy: torch.nn.Module | None = None  # the CausalLM rollouts and eval use (default: lm)
     dist: Dist = field(default_factory=Dist)
+    offline: OfflineData | None = None  # offline_kd's stored batches
 
     def __post_init__(self) -> None:
         inner = getattr(self.student, "module", self.student)  # DDP keeps the module as .module
@@ -153,12 +159,15 @@ async def train_step(run: Run) -> dict[str, Any]:
     cfg, d, started = run.cfg, run.dist, time.perf_counter()
     name, eps = method_plan(cfg, run.step)
     loss_name, beta = loss_plan(cfg, run.step)
-    behavior = _behavior(cfg, name)
     rows = d.rows(cfg.train.batch_size)
-    problems = run.data.train_batch(run.step, cfg.train.batch_size)[rows.start : rows.stop]
     per_rollout = cfg.train.rollout_batch_size or len(rows)
-    rollouts = [await _rollout(run, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps)
-                for i in range(0, len(rows), per_rollout)]
+    if run.offline is not None:
+        rollouts = run.offline.rollouts(run.step, cfg.train.batch_size, rows, per_rollout)
+    else:
+        behavior = _behavior(cfg, name)
+        problems = run.data.train_batch(run.step, cfg.train.batch_size)[rows.start : rows.stop]
+        rollouts = [await _rollout(run, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps)
+                    for i in range(0, len(rows), per_rollout)]
     (n_tokens,) = distributed.all_sum(d, sum(int(r.response_lens_B.sum()) for r in rollouts))
     micro_batches = _micro_batches(rollouts, len(rows) // cfg.optim.accum_steps)
     run.optimizer.zero_grad(set_to_none=True)
@@ -256,8 +265,10 @@ def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: Teac
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    offline = OfflineData.open(cfg.data.offline_path, tokenizer.pad_token_id, cfg.data.seed) \
+        if cfg.method.name == "offline_kd" else None
     return Run(cfg, out, model, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer),
-               lm=student, policy=policy, dist=d)
+               lm=student, policy=policy, dist=d, offline=offline)
 
 
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
