@@ -120,6 +120,12 @@ def test_bad_rows_name_the_row(tmp_path) -> None:
         read_examples(path)
     path.write_text('{"prompt_ids": [1, 2], "completion_ids": [3]}\n')
     assert read_examples(path) == [Example([1, 2], [3])]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    table = pyarrow.table({"prompt_ids": [[1, 2], [4]], "completion_ids": [[3], [5, 6]]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert read_examples(tmp_path / "p.parquet") == [Example([1, 2], [3]), Example([4], [5, 6])]
 
 
 def _cfg(task_models, url: str, out: Path, offline: Path, *extra: str):

@@ -43,6 +43,40 @@ def test_the_default_is_tensorboard_only_when_installed(monkeypatch) -> None:
     assert trackers.resolve(["mlflow"]) == ["mlflow"]
 
 
+class _Fake:
+    """A tracker that records what it gets, and takes a run id the way W&B and MLflow do."""
+
+    def __init__(self, out, config, run_name, project, ids) -> None:
+        self.id = ids.setdefault("fake", f"run-{len(list(out.glob('*')))}")
+        self.logged, self.images, self.closed = [], [], False
+
+    def log(self, values, step) -> None:
+        self.logged.append((step, values))
+
+    def log_image(self, path, step) -> None:
+        self.images.append((path.name, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_run_log_feeds_trackers_and_resume_keeps_their_run_ids(tmp_path, monkeypatch) -> None:
+    from student_trainer.run_log import RunLog
+
+    monkeypatch.setitem(trackers._CLASSES, "fake", _Fake)
+    (fake,) = trackers.open_trackers(["fake"], tmp_path, {}, "run", "p")
+    log = RunLog(tmp_path, 2, progress=False, trackers=[fake])
+    log.log({"step": 0, "probe_kl": 0.5})
+    log.log({"step": 1, "loss": 1.0, "method": "trb", "skipped": False})
+    log.close()
+    assert fake.logged == [(0, {"probe_kl": 0.5}), (1, {"loss": 1.0, "skipped": 0.0})]
+    assert fake.images == [("training.png", 1)] and fake.closed and (tmp_path / "training.png").exists()
+    (again,) = trackers.open_trackers(["fake"], tmp_path, {}, "run", "p", resume=True)
+    assert again.id == fake.id  # --resume: the same tracker run
+    (fresh,) = trackers.open_trackers(["fake"], tmp_path, {}, "run", "p")
+    assert fresh.id != fake.id  # a fresh run in an old folder: a new one
+
+
 @pytest.fixture(scope="module")
 def tracked_run(task_models, task_teacher, tmp_path_factory) -> Path:
     """One short run reporting to every installed tracker (none installed: nothing to read back)."""
