@@ -25,7 +25,10 @@ PLOT_KEY = "training_plot"
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(_MODULE[name]) is not None
+    try:
+        return importlib.util.find_spec(_MODULE[name]) is not None
+    except ValueError:  # a module set to None in sys.modules: blocked, as if absent
+        return False
 
 
 def check_installed(names: list[str]) -> None:
