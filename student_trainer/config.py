@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from student_trainer.tasks.math import INSTRUCTION
+from student_trainer.tasks.math_grader import INSTALL_HINT, Grader, math_verify_installed
+from student_trainer.trackers import check_installed
 
-Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]  # docs/methods.md
+# docs/methods.md
+Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto", "offline_kd"]
 
 
 class _Section(BaseModel):
@@ -83,6 +86,9 @@ class MethodCfg(_Section):
         "forward", description="Veto's loss: forward KL(q_β‖π_S) (the paper's main form) or reverse KL(π_S‖q_β).")
     veto_schedule: Literal["linear", "constant"] = Field(
         "linear", description="Veto's β: linear decay to 0 over train.steps (the authors'), or constant.")
+    offline_loss: Literal["reverse_kl", "forward_kl"] = Field(
+        "reverse_kl", description="offline_kd's loss on the stored completions: reverse KL(π_S‖π̂_T) or forward "
+                                  "KL(π̂_T‖π_S), both to the stored top-k + tail.")
 
 
 class DataCfg(_Section):
@@ -100,6 +106,17 @@ class DataCfg(_Section):
     instruction: str = Field(INSTRUCTION, description="math: appended to every question.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  description="math: e.g. {enable_thinking: false} for Qwen3.")
+    offline_path: str | None = Field(None, description="offline_kd: a `trb-teacher export` folder (stored "
+                                     "completions and teacher top-k; docs/offline.md).")
+    grader: Grader = Field("auto", description="math: answer equality by math-verify (symbolic; the math extra) or "
+                           "the string normaliser; auto: math-verify when installed (docs/math.md).")
+
+    @field_validator("grader")
+    @classmethod
+    def _grader_installed(cls, grader: Grader) -> Grader:
+        if grader == "math_verify" and not math_verify_installed():
+            raise ValueError(f"math-verify is not installed; {INSTALL_HINT}, or use auto / normalize")
+        return grader
 
     @model_validator(mode="after")
     def _math_needs_a_file(self) -> DataCfg:
@@ -149,6 +166,17 @@ class TrainCfg(_Section):
                                "max_staleness; 0: rollout then update, one after the other.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP replicates the student, "
                                              "FSDP2 shards it (GPU-sized students); unused in one process.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] | None = Field(
+        None, description="Trackers that also get metrics.jsonl's scalars, the config and training.png, each an "
+                          "extra (pip install 'trb-distill[wandb]'); null: tensorboard when installed; [] none.")
+    tracker_project: str = Field("trb-distill", description="Project (W&B, trackio) or experiment (MLflow) name; "
+                                 "the run is named after out_dir.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, names: list[str] | None) -> list[str] | None:
+        check_installed(names or [])  # at config time, not at the first log call
+        return names
 
 
 class Config(_Section):
@@ -169,6 +197,8 @@ class Config(_Section):
         if self.train.precision == "bf16-mixed" and self.student.dtype != "float32":
             raise ValueError("train.precision: bf16-mixed keeps float32 master weights; set student.dtype=float32 "
                              "(student.dtype=bfloat16 with precision=fp32 trains in pure bf16)")
+        if self.method.name == "offline_kd" and self.data.offline_path is None:
+            raise ValueError("data.offline_path: method.name=offline_kd trains on a `trb-teacher export` folder")
         if self.method.name == "skd" and self.method.skd_top_k > self.teacher.top_k:
             raise ValueError(f"method.skd_top_k: {self.method.skd_top_k} exceeds teacher.top_k={self.teacher.top_k}")
         return self

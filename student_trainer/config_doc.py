@@ -48,6 +48,9 @@ METHODS = (
      "as sft_warmup"),
     ("veto", "π_S", "forward KL(q_β‖π_S) or reverse KL(π_S‖q_β), q_β ∝ π̂_T·sg[π_S]^β, β from veto_beta to 0",
      "veto_beta, veto_divergence, veto_schedule", "as opd"),
+    ("offline_kd", "none: stored completions of a `trb-teacher export` (data.offline_path)",
+     "reverse KL(π_S‖π̂_T) (offline_loss=reverse_kl) or forward KL(π̂_T‖π_S) (offline_loss=forward_kl) to the "
+     "stored top-k", "offline_loss", "none in training (the export scored them once); eval's KL probe still asks"),
 )
 
 

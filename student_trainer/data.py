@@ -53,7 +53,8 @@ class TaskData:
     @property
     def verify(self) -> Callable[[str, Problem], bool]:
         """The task's grader: (completion text, problem) -> correct."""
-        return math_task.verify if self.cfg.task == "math" else arithmetic.verify
+        return functools.partial(math_task.verify, grader=self.cfg.grader) if self.cfg.task == "math" \
+            else arithmetic.verify
 
 
 @dataclass

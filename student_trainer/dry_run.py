@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.protocol import ModelInfo
-from student_trainer import checkpoint, startup
+from student_trainer import checkpoint, startup, trackers
 from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.teacher_client import TeacherClient
@@ -29,7 +29,11 @@ def _method(cfg: Config) -> str:
             "trb": f"trb: blend eps {m.eps0} annealed ({m.schedule}) to 0 over {m.horizon} steps, then as opd",
             "fixed_eps": f"fixed_eps: blend at a constant eps {m.eps0}",
             "skd": f"skd: the student proposes, the teacher's top-{m.skd_top_k} accepts or the teacher samples",
-            "sft_warmup": f"sft_warmup: teacher rollouts for {m.horizon} steps, then as opd"}[m.name]
+            "sft_warmup": f"sft_warmup: teacher rollouts for {m.horizon} steps, then as opd",
+            "teacher_warmup": f"teacher_warmup: teacher rollouts for {m.horizon} steps, then as opd",
+            "veto": f"veto: student rollouts, {m.veto_divergence} KL to the veto target from beta {m.veto_beta}",
+            "offline_kd": f"offline_kd: no rollouts; stored completions and teacher top-k from "
+                          f"{cfg.data.offline_path} ({m.offline_loss})"}.get(m.name, m.name)
 
 
 def _teacher_limits(cfg: Config, info: ModelInfo, longest: int) -> None:
@@ -68,6 +72,7 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     """The plan as lines ("key  value"); a TrainingError, TeacherError or ModelSourceError at the first problem."""
     out = Path(cfg.train.out_dir)
     found = startup.check_sources(cfg, student=not resume)
+    startup.grader_note(cfg)
     ckpt = checkpoint.latest(out / "checkpoints") if resume else None
     if resume and ckpt is None:
         raise TrainingError(f"--resume: no checkpoint under {out / 'checkpoints'}")
@@ -106,5 +111,6 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
                       f"{t.max_new_tokens} new tokens ({t.steps * t.batch_size * t.max_new_tokens:,} at most), "
                       f"teacher top-{cfg.teacher.top_k}"),
               ("eval", f"{'' if resume else 'at the start, '}{evals}at the end: accuracy and probe KL"),
-              ("checkpoints", _checkpoints(cfg, out, ckpt, resume))]
+              ("checkpoints", _checkpoints(cfg, out, ckpt, resume)),
+              ("trackers", ", ".join(trackers.resolve(t.report_to)) or "none (metrics.jsonl only)")]
     return [f"  {key:<12} {value}" for key, value in lines]

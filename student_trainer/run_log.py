@@ -1,4 +1,4 @@
-"""Where a run reports: metrics.jsonl (always), TensorBoard (when installed), a live progress bar."""
+"""Where a run reports: metrics.jsonl (always), the trackers of train.report_to (trackers.py), a live progress bar."""
 
 from __future__ import annotations
 
@@ -17,21 +17,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from student_trainer.trackers import Tracker, scalars
+
 
 class RunLog:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
-                 console: Console | None = None) -> None:
-        self.path = out_dir / "metrics.jsonl"
+                 console: Console | None = None, trackers: list[Tracker] = ()) -> None:
+        self.out_dir, self.path = out_dir, out_dir / "metrics.jsonl"
+        self.trackers, self._step = list(trackers), start_step
         self.console = console or Console(stderr=True)
         _truncate_after(self.path, start_step)
         self._file = open(self.path, "a")
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            pass
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  ε {task.fields[eps]}  β {task.fields[beta]}  {task.fields[tps]} tok/s"),
@@ -44,10 +40,10 @@ class RunLog:
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
+        self._step = record["step"]
+        values = scalars(record)
+        for tracker in self.trackers:
+            tracker.log(values, record["step"])
 
     def advance(self, record: dict[str, Any]) -> None:
         self._progress.update(self._task, advance=1, loss=f"{record['loss']:.4f}", eps=f"{record['eps']:.3g}",
@@ -59,13 +55,23 @@ class RunLog:
     def close(self, summary: dict[str, Any] | None = None) -> None:
         self._progress.stop()
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.trackers:
+            self._send_plot()
+        for tracker in self.trackers:
+            tracker.close()
         if summary:
             table = Table(title="run summary", show_header=False)
             for key, value in summary.items():
                 table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
             self.console.print(table)
+
+    def _send_plot(self) -> None:
+        """training.png (plots.plot_run) to every tracker, drawn from metrics.jsonl as it stands."""
+        from student_trainer.plots import plot_run  # matplotlib: only when a tracker wants the plot
+
+        png = plot_run(self.out_dir)
+        for tracker in self.trackers:
+            tracker.log_image(png, self._step)
 
 
 class NullLog:

@@ -43,6 +43,15 @@ def check_sources(cfg: Config, student: bool = True) -> dict[str, str]:
     return found
 
 
+def grader_note(cfg: Config, report: Report = say) -> None:
+    """Say so when math answers fall back to the string normaliser: accuracy is then a lower bound."""
+    from student_trainer.tasks.math_grader import INSTALL_HINT, resolve
+
+    if cfg.data.task == "math" and resolve(cfg.data.grader) == "normalize" and cfg.data.grader == "auto":
+        report(f"data.grader: math-verify is not installed, so math answers are graded by the string normaliser "
+               f"(it under-credits equivalent forms; {INSTALL_HINT} for symbolic grading)")
+
+
 def start_local_teacher(cfg: Config, log: Path, report: Report = say) -> LocalTeacher:
     """`trb-teacher serve` for teacher.model on a free loopback port; a failed start is a TeacherError."""
     from student_trainer.local_teacher import LocalTeacher

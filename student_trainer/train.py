@@ -29,12 +29,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_trainer import checkpoint, distributed, startup
+from student_trainer import checkpoint, distributed, startup, trackers
 from student_trainer.behaviors import Behavior, make_behavior
 from student_trainer.config import Config
 from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
+from student_trainer.offline_data import OfflineData
 from student_trainer.pipeline import Batch, Pipeline
 from student_trainer.rollout import Rollout, generate, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
@@ -60,6 +61,8 @@ def method_plan(cfg: Config, step: int) -> tuple[str, float]:
         return ("teacher", 0.0) if step < m.horizon else ("opd", 0.0)
     if m.name == "veto":
         return "opd", 0.0
+    if m.name == "offline_kd":
+        return "offline", 0.0  # no rollouts: stored completions (offline_data.py)
     return m.name, 0.0
 
 
@@ -70,6 +73,8 @@ def loss_plan(cfg: Config, step: int) -> tuple[str, float]:
         return f"veto_{m.veto_divergence}", veto_beta(m.veto_schedule, step, m.veto_beta, cfg.train.steps)
     if m.name == "sft_warmup" and step < m.horizon:
         return m.sft_loss, 0.0
+    if m.name == "offline_kd":
+        return m.offline_loss, 0.0
     return "reverse_kl", 0.0
 
 
@@ -105,6 +110,7 @@ class Run:
     policy: torch.nn.Module | None = None  # the CausalLM rollouts and eval use (default: lm)
     dist: Dist = field(default_factory=Dist)
     in_flight: dict[int, Batch] = field(default_factory=dict)  # restored from a checkpoint (pipeline.py)
+    offline: OfflineData | None = None  # offline_kd's stored batches
 
     def __post_init__(self) -> None:
         inner = getattr(self.student, "module", self.student)  # DDP keeps the module as .module
@@ -151,11 +157,13 @@ async def rollout_batch(run: Run, step: int, policy: torch.nn.Module) -> list[Ro
     (one decode loop and teacher session each). Rows sample from their own streams, so the split
     changes no token."""
     cfg = run.cfg
+    rows = run.dist.rows(cfg.train.batch_size)
+    per_rollout = cfg.train.rollout_batch_size or len(rows)
+    if run.offline is not None:  # offline_kd: stored completions with their stored teacher targets
+        return run.offline.rollouts(step, cfg.train.batch_size, rows, per_rollout)
     name, eps = method_plan(cfg, step)
     behavior = _behavior(cfg, name)
-    rows = run.dist.rows(cfg.train.batch_size)
     problems = run.data.train_batch(step, cfg.train.batch_size)[rows.start : rows.stop]
-    per_rollout = cfg.train.rollout_batch_size or len(rows)
     return [await _rollout(run, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps, step, policy)
             for i in range(0, len(rows), per_rollout)]
 
@@ -280,8 +288,10 @@ def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: Teac
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    offline = OfflineData.open(cfg.data.offline_path, tokenizer.pad_token_id, cfg.data.seed) \
+        if cfg.method.name == "offline_kd" else None
     return Run(cfg, out, model, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer),
-               lm=student, policy=policy, dist=d)
+               lm=student, policy=policy, dist=d, offline=offline)
 
 
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
@@ -289,6 +299,7 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     startup.check_sources(cfg, student=not resume)
     out = Path(cfg.train.out_dir)
     if d.main:
+        startup.grader_note(cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.public(), sort_keys=False))
     if cfg.train.threads:
@@ -325,9 +336,16 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
             local.stop()
 
 
+def _run_log(run: Run) -> RunLog:
+    t = run.cfg.train
+    tracked = trackers.open_trackers(trackers.resolve(t.report_to), run.out, run.cfg.public(), run.out.name,
+                                     t.tracker_project, resume=run.step > 0)
+    return RunLog(run.out, t.steps, run.step, progress=t.progress, trackers=tracked)
+
+
 async def _loop(run: Run) -> dict[str, Any]:
     cfg = run.cfg
-    log = RunLog(run.out, cfg.train.steps, run.step, progress=cfg.train.progress) if run.dist.main else NullLog()
+    log = _run_log(run) if run.dist.main else NullLog()
     evaluate = await _evaluator(run)
     first = await evaluate() if run.step == 0 else None
     if first:

@@ -1,10 +1,12 @@
 """Math answers: the last `\\boxed{...}` of a completion, and whether it equals a reference answer.
 
 Why this shape: chat models asked to "put the final answer within \\boxed{}" do so at the end, and
-may box intermediate results before; the last box is the answer. Grading is deliberately small and
-honest, with no computer algebra: two answers match when their normalised strings are equal, or
-when both parse as the same exact rational number. Anything else (equivalent expressions written
-differently, intervals in another order, units) counts as wrong; it under-credits, never over-credits.
+may box intermediate results before; the last box is the answer. With math-verify installed (the
+`math` extra) `verify` grades symbolically (tasks/math_grader.py); this module's own grader, the
+fallback, is deliberately small and honest, with no computer algebra: two answers match when their
+normalised strings are equal, or when both parse as the same exact rational number. Anything else
+(equivalent expressions written differently, intervals in another order, units) counts as wrong; it
+under-credits, never over-credits.
 
 Normalisation (`normalize`): drop `$`, whitespace and LaTeX spacing (`\\,` `\\!` `\\;` `\\:`),
 `\\left`/`\\right`, `\\text{..}`/`\\mathrm{..}` wrappers, `^\\circ`, `\\%`, one trailing `.`, and a short
@@ -100,7 +102,10 @@ def answers_match(predicted: str, reference: str) -> bool:
     return x is not None and y is not None and x == y
 
 
-def verify(completion_text: str, problem: Problem) -> bool:
-    """True when the completion's last boxed answer matches the problem's reference answer."""
+def verify(completion_text: str, problem: Problem, grader: str = "auto") -> bool:
+    """True when the completion's last boxed answer matches the problem's reference answer under
+    `grader` (tasks/math_grader.py: math-verify when installed, else `answers_match`)."""
+    from student_trainer.tasks.math_grader import grade  # it imports this module
+
     predicted = last_boxed(completion_text)
-    return predicted is not None and answers_match(predicted, problem.answer)
+    return predicted is not None and grade(predicted, problem.answer, grader)

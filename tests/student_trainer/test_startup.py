@@ -119,8 +119,9 @@ def test_check_prints_the_plan_and_writes_nothing(task_models, task_teacher, tmp
     lines = proc.stdout.splitlines()
     assert lines[0] == "trb-train --check: ready to train; nothing was trained or written."
     plan = {line.split()[0]: line for line in lines[1:]}
-    assert set(plan) == {"student", "teacher", "method", "data", "run", "eval", "checkpoints"}
+    assert set(plan) == {"student", "teacher", "method", "data", "run", "eval", "checkpoints", "trackers"}
     assert "= the student's" in plan["teacher"] and task_teacher.url in plan["teacher"]
+    assert plan["trackers"].split(None, 1)[1] in ("tensorboard", "none (metrics.jsonl only)")  # the default
     assert "3 steps x 4 rollouts = 12 rollouts of up to 12 new tokens" in plan["run"]
     assert f"{out / 'checkpoints'}/step_NNNNNN" in plan["checkpoints"]
     assert not out.exists()

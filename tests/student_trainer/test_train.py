@@ -250,7 +250,8 @@ def test_every_method_is_in_the_help_table_the_docs_and_reproduce() -> None:
     doc = (REPO / "docs" / "methods.md").read_text()
     assert set(re.findall(r"^\| `(\w+)` \|", doc, re.M)) == names
     reproduce = (REPO / "scripts" / "reproduce.py").read_text()
-    assert set(ast.literal_eval(re.search(r"^METHODS = (\[.*\])$", reproduce, re.M).group(1))) == names
+    offline = {"offline_kd"}  # trains on a stored export, not on the comparison's rollouts
+    assert set(ast.literal_eval(re.search(r"^METHODS = (\[.*\])$", reproduce, re.M).group(1))) == names - offline
 
 
 def test_bf16_mixed_learns_like_float32(task_models, task_teacher, tmp_path) -> None:
