@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
 from pydantic import BaseModel, TypeAdapter
+
+from teacher_server.backends.engine_http import connect, error_message
 
 Entry = tuple[float | None, int, str | None]  # [logprob, token_id, text]; a null logprob (orjson's -inf) is -inf
 Rows = list[list[Entry] | None]  # one entry list per position; null where SGLang has none (input entry 0)
@@ -93,16 +93,6 @@ def max_prompt_len(max_req_input_len: int | None, context_len: int | None = None
     return min(limits) if limits else None
 
 
-def error_message(resp: httpx.Response) -> str:
-    """SGLang's reason: `{"error": {"message": ...}}` for a refused request, `{"error": "..."}` for a
-    body that breaks its schema or a missing API key."""
-    try:
-        err = resp.json().get("error")
-    except ValueError:
-        return resp.text[:500]
-    return str(err.get("message") if isinstance(err, dict) else err)[:500]
-
-
 class Transport(Protocol):
     """How calls reach SGLang: blocking, from the scheduler's model thread."""
 
@@ -125,13 +115,7 @@ class HTTPTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0,
                  ready_timeout_s: float = 300.0) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
-        deadline = time.monotonic() + ready_timeout_s
-        while not self._healthy():  # SGLang answers 503 while starting; our /ready stays 503 meanwhile
-            if time.monotonic() > deadline:
-                raise SGLangError(f"SGLang at {self.url} was not healthy after {ready_timeout_s:.0f}s")
-            time.sleep(0.2)
+        self.client = connect(self.url, api_key, timeout_s, ready_timeout_s, "SGLang", SGLangError)
         resp = self.client.get("/server_info")
         if resp.status_code != 200:
             hint = " (is SGLang started with --api-key? set TRB_TEACHER_SGLANG_API_KEY or --sglang-api-key-file)"
@@ -141,12 +125,6 @@ class HTTPTransport:
         self.dtype = str(info.get("dtype") or "auto")
         self.max_req_input_len: int | None = info.get("max_req_input_len")
         self.context_len: int | None = info.get("context_length")  # the launch flag; None: the model's
-
-    def _healthy(self) -> bool:
-        try:
-            return self.client.get("/health", timeout=5.0).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def generate(self, call: GenerateCall) -> list[MetaInfo]:
         resp = self.client.post("/generate", json=call.payload())

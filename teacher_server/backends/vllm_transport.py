@@ -9,11 +9,11 @@ vLLM behaviour relied on here is listed, with its source file, in docs/vllm.md.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, TypeAdapter
+
+from teacher_server.backends.engine_http import connect, error_message
 
 MAX_PROMPTS = 1024  # prompts per /v1/completions call (vLLM's VLLM_MAX_COMPLETION_PROMPTS default)
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default, assumed when the probe's answer cannot be read
@@ -35,16 +35,6 @@ Position = dict[str, Entry] | None  # token id (a string key, from json.dumps of
 _CHOICES = TypeAdapter(list[list[Position] | None])
 
 
-def error_message(resp: httpx.Response) -> str:
-    """vLLM's reason: `{"error": {"message", "type", "param", "code"}}` for a refused request,
-    `{"error": "Unauthorized"}` for a missing API key."""
-    try:
-        err = resp.json().get("error")
-    except (ValueError, AttributeError):
-        return resp.text[:500]
-    return str(err.get("message") if isinstance(err, dict) else err)[:500]
-
-
 def completion_body(model: str, prompts: list[list[int]], k: int) -> dict[str, Any]:
     """One batched call. max_tokens 1: vLLM refuses 0 and generates at least one token; prompt logprobs
     ignore every sampling setting, so none is sent (the generated token is thrown away)."""
@@ -61,13 +51,7 @@ class HTTPTransport:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0,
                  ready_timeout_s: float = 300.0) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
-        deadline = time.monotonic() + ready_timeout_s
-        while not self._healthy():  # vLLM listens only once its engine is up; 503 means the engine died
-            if time.monotonic() > deadline:
-                raise VLLMError(f"vLLM at {self.url} was not healthy after {ready_timeout_s:.0f}s")
-            time.sleep(0.2)
+        self.client = connect(self.url, api_key, timeout_s, ready_timeout_s, "vLLM", VLLMError)
         resp = self.client.get("/v1/models")
         if resp.status_code != 200:
             hint = " (is vLLM started with --api-key? set TRB_TEACHER_VLLM_API_KEY or --vllm-api-key-file)"
@@ -76,12 +60,6 @@ class HTTPTransport:
         card = resp.json()["data"][0]  # the base model; LoRA adapters follow it
         self.model: str = card["id"]
         self.max_model_len: int = int(card["max_model_len"])
-
-    def _healthy(self) -> bool:
-        try:
-            return self.client.get("/health", timeout=5.0).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def max_logprobs(self, vocab_size: int) -> int:
         """vLLM's cap on prompt_logprobs: ask for the whole vocabulary on a one-token prompt (whose only
