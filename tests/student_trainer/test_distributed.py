@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from conftest import REPO
 from student_trainer import checkpoint
@@ -114,3 +115,19 @@ def test_a_global_batch_that_does_not_split_fails_fast(monkeypatch: pytest.Monke
     with pytest.raises(TrainingError, match=r"train\.batch_size=6 .* world size x optim\.accum_steps = 2 x 2"):
         train_sync(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_follows_one_process_and_saves_float32(task_models, task_teacher, tmp_path) -> None:
+    """FSDP2 with MixedPrecisionPolicy(bf16, reduce fp32) and a chunked loss (recomputed in the backward,
+    lm_head owned by the root module) against one bf16-mixed process; checkpoints hold float32 masters."""
+    extra = dict(steps=2, save_every=2, precision="bf16-mixed", loss_chunk_tokens=3)
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    train_sync(load_config(_cfg(tmp_path / "one.yaml", task_models, task_teacher.url, one, **extra)))
+    _torchrun(_cfg(tmp_path / "fsdp.yaml", task_models, task_teacher.url, fsdp, parallel="fsdp", **extra))
+    ref, got = _losses(one), _losses(fsdp)
+    for s in (1, 2):
+        assert got[s]["tokens"] == ref[s]["tokens"]
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.02)  # bf16 rounding differs by path
+    saved = AutoModelForCausalLM.from_pretrained(fsdp / "checkpoints" / "step_000002")
+    assert all(p.dtype == torch.float32 for p in saved.parameters())
