@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from shared.kv_decode import position_ids
-from student_trainer.chunked_loss import DEFAULT_CHUNK_ELEMENTS, chunk_tokens, chunked_loss_sum
+from student_trainer.chunked_loss import chunk_tokens, chunked_loss_sum
 from student_trainer.losses import distill_loss, next_tokens
 from student_trainer.topk import TeacherTopK
 
@@ -60,7 +60,7 @@ class StudentLoss(torch.nn.Module):
                  autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.lm, self.autocast_dtype = lm, autocast_dtype
-        self.chunk = chunk_tokens(lm.config.vocab_size, DEFAULT_CHUNK_ELEMENTS) if chunk is None else chunk
+        self.chunk = chunk_tokens(lm.config.vocab_size) if chunk is None else chunk
         if self.chunk and not hidden_path_matches(lm):
             self.chunk = 0
 
