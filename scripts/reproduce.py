@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -28,6 +30,7 @@ from student_trainer.config import load_config  # noqa: E402
 from student_trainer.local_teacher import LocalTeacher  # noqa: E402
 from student_trainer.plots import plot_comparison  # noqa: E402
 from student_trainer.run_log import read_metrics  # noqa: E402
+from student_trainer.stats import EARLY_KEYS, area_under_curve, early_quality, mean_ci95, paired_bootstrap_ci95  # noqa: E402,E501
 
 METHODS = ["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]
 
@@ -58,42 +61,79 @@ def curve(out: Path) -> tuple[list[int], list[float]]:
     return [r["step"] for r in evals], [r["eval_accuracy"] for r in evals]
 
 
-def area(steps: list[int], acc: list[float]) -> float:
-    """Mean accuracy over training: trapezoid area under the curve divided by the step span."""
-    total = sum((steps[i + 1] - steps[i]) * (acc[i] + acc[i + 1]) / 2 for i in range(len(steps) - 1))
-    return total / max(1, steps[-1] - steps[0])
+def fmt_ci(xs: list[float]) -> str:
+    """Mean [95% t-interval] over seeds."""
+    if len(xs) < 2:
+        return f"{xs[0]:.3f}"
+    mean, half = mean_ci95(xs)
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
 
 
-def fmt(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+def run_stats(out: Path, first_steps: int) -> dict[str, Any]:
+    """What the report needs from one finished run."""
+    records = read_metrics(out / "metrics.jsonl")
+    steps, acc = curve(out)
+    return {"final": acc[-1], "auc": area_under_curve(steps, acc), "start": acc[0], "probe_kl": records[-1]["probe_kl"],
+            "tokens": sum(r.get("tokens", 0) for r in records), "early": early_quality(records, first_steps)}
 
 
-def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, dest: Path, extra: list[str]) -> None:
-    rows = []
-    for method, outs in runs.items():
-        finals = [curve(o)[1][-1] for o in outs]
-        aucs = [area(*curve(o)) for o in outs]
-        kls = [read_metrics(o / "metrics.jsonl")[-1]["probe_kl"] for o in outs]
-        tokens = [sum(r.get("tokens", 0) for r in read_metrics(o / "metrics.jsonl")) for o in outs]
-        rows.append((method, fmt(finals), fmt(aucs), fmt(kls), f"{statistics.mean(tokens):,.0f}",
-                     statistics.mean(aucs)))
-    rows.sort(key=lambda r: -r[-1])
-    start = curve(next(iter(runs.values()))[0])[1][0]
+def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, dest: Path, extra: list[str],
+                  first_steps: int, title: str) -> None:
+    stats = {m: [run_stats(o, first_steps) for o in outs] for m, outs in runs.items()}
+    seeds = len(next(iter(runs.values())))
+    order = sorted(stats, key=lambda m: -statistics.mean(r["auc"] for r in stats[m]))
     lines = [
-        "# Results: the paper's comparison on the arithmetic task (CPU)", "",
+        f"# Results: {title}", "",
         "Produced by `make reproduce` (`python scripts/reproduce.py " + " ".join(sys.argv[1:]) + "`).",
         f"Machine: {platform.machine()}, {platform.processor() or platform.system()}, "
-        f"{__import__('os').cpu_count()} cores; wall time {wall_s / 60:.1f} min for all runs.", "",
-        f"Student accuracy before distillation: {start:.3f} (greedy pass@1, same eval set for every run).", "",
+        f"{os.cpu_count()} cores; wall time {wall_s / 60:.1f} min for all {seeds * len(runs)} runs.", "",
+        f"Student accuracy before distillation: {next(iter(stats.values()))[0]['start']:.3f} (greedy pass@1 on "
+        "the held-out eval set, the same problems for every run).", "",
+        f"Mean and 95% t-interval over {seeds} seeds, sorted by the area under the accuracy curve (the mean "
+        "accuracy over training).", "",
         "| method | final accuracy | area under accuracy curve | final probe KL(π_S‖π_T) | generated tokens |",
         "| --- | --- | --- | --- | --- |",
-        *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows], "",
-        f"Mean ± std over {len(next(iter(runs.values())))} seeds, sorted by area under the curve. "
-        "What moves the ordering (ε0, warmup length K, how weak the student starts): [sweep.md](sweep.md).", "",
-        "![accuracy by method](results.png)", "",
-        "## Hyperparameters", "", "Recipe (overrides: `" + " ".join(extra) + "`):", "", "```yaml", cfg_text.strip(),
-        "```", "",
+        *[f"| {m} | {fmt_ci([r['final'] for r in stats[m]])} | {fmt_ci([r['auc'] for r in stats[m]])} | "
+          f"{fmt_ci([r['probe_kl'] for r in stats[m]])} | {statistics.mean(r['tokens'] for r in stats[m]):,.0f} |"
+          for m in order], "",
+        "![accuracy and probe KL by method](results.png)", "",
     ]
+    if "trb" in stats and seeds > 1:
+        lines += ["## TRB against each baseline, paired by seed", "",
+                  "Seed s of every method starts from the same student, samples its rows from the same "
+                  "(seed, step, row) streams and is evaluated on the same problems, so the differences are "
+                  "paired. Mean of the per-seed differences TRB − baseline and a 95% bootstrap interval "
+                  "(seeds resampled with replacement, 10,000 times); the last column counts the seeds "
+                  "where TRB's area is larger.", "",
+                  "| baseline | Δ final accuracy | Δ area under curve | TRB ahead (area) |",
+                  "| --- | --- | --- | --- |"]
+        trb = stats["trb"]
+        for m in order:
+            if m == "trb":
+                continue
+            row = []
+            for key in ("final", "auc"):
+                mean, lo, hi = paired_bootstrap_ci95([r[key] for r in trb], [r[key] for r in stats[m]])
+                row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            ahead = sum(a["auc"] > b["auc"] for a, b in zip(trb, stats[m], strict=True))
+            lines.append(f"| {m} | {row[0]} | {row[1]} | {ahead} of {seeds} |")
+        lines.append("")
+    lines += [f"## The early rollouts (optimizer steps 1-{first_steps})", "",
+              "Means over the steps and seeds of each method's behavior diagnostics: the teacher's "
+              "log-likelihood of the sampled tokens (the quality of the prefixes it supervises), the realised "
+              "KL(μ‖π_S) of the behavior, the share of positions where the teacher was inside the ball "
+              "(β = 1) and the mean β; '-' where the method has no such quantity.", "",
+              "| method | teacher log-lik / token | KL(μ‖π_S) | share β = 1 | mean β |",
+              "| --- | --- | --- | --- | --- |"]
+    for m in order:
+        early = [r["early"] for r in stats[m]]
+        cells = []
+        for key in EARLY_KEYS:
+            values = [e[key] for e in early if key in e]
+            cells.append(f"{statistics.mean(values):.3f}" if values else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Hyperparameters", "", "Recipe (overrides: `" + " ".join(extra) + "`):", "", "```yaml",
+              cfg_text.strip(), "```", ""]
     dest.write_text("\n".join(lines))
 
 
@@ -106,6 +146,7 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "runs" / "reproduce"))
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--title", default="the paper's comparison, weak student on the arithmetic task (CPU)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs under --root (same recipe and overrides!), run only the rest")
     args = parser.parse_args()
@@ -121,7 +162,8 @@ def main() -> None:
             outs = {job: f.result() for job, f in futures.items()}
     runs = {m: [outs[(m, s)] for s in range(args.seeds)] for m in args.methods}
     results = Path(args.results)
-    write_results(runs, Path(args.recipe).read_text(), time.perf_counter() - started, results, args.set)
+    write_results(runs, Path(args.recipe).read_text(), time.perf_counter() - started, results, args.set,
+                  first_steps=cfg.method.horizon, title=args.title)
     plot_comparison(runs, results.with_name("results.png"))
     print(results.read_text())
     (root / "summary.json").write_text(json.dumps({m: [str(p) for p in ps] for m, ps in runs.items()}))

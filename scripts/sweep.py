@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.reproduce import area, curve, fmt, run_one  # noqa: E402
+from scripts.reproduce import fmt_ci, run_one, run_stats  # noqa: E402
 from student_trainer.config import load_config  # noqa: E402
 from student_trainer.local_teacher import LocalTeacher  # noqa: E402
+from student_trainer.stats import EARLY_KEYS  # noqa: E402
 
 
 def grid_points(grid: list[str]) -> list[list[str]]:
@@ -41,6 +43,8 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "runs" / "sweep"))
     parser.add_argument("--out", default=str(REPO / "docs" / "sweep.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs under --root (same recipe, grid and overrides!), run only the rest")
     args = parser.parse_args()
     points = grid_points(args.grid)
     for point in points:  # fail fast on a bad key or value before any run starts
@@ -54,17 +58,25 @@ def main() -> None:
     with LocalTeacher(cfg.teacher.model, threads=1, log=root / "teacher.log") as teacher, \
             ThreadPoolExecutor(args.parallel) as pool:
         futures = {(i, s): pool.submit(run_one, args.recipe, args.method, s, teacher.url, root / f"point{i}",
-                                       args.set + points[i]) for i, s in jobs}
+                                       args.set + points[i], args.reuse) for i, s in jobs}
         outs = {job: f.result() for job, f in futures.items()}
     lines = [f"# Sweep: {args.method} on the arithmetic task", "",
              f"`python scripts/sweep.py {' '.join(sys.argv[1:])}`; {args.seeds} seeds per point, "
-             f"{(time.perf_counter() - started) / 60:.1f} min on {__import__('os').cpu_count()} cores.", "",
-             "| overrides | final accuracy | area under accuracy curve |", "| --- | --- | --- |"]
+             f"{(time.perf_counter() - started) / 60:.1f} min on {os.cpu_count()} cores.", "",
+             "Mean [95% t-interval] over seeds. The last columns are the early rollouts: means over "
+             "optimizer steps 1-K of the point (K = method.horizon) of the teacher's log-likelihood of the "
+             "sampled tokens, the realised KL(μ‖π_S) and the share of positions with β = 1.", "",
+             "| overrides | final accuracy | area under accuracy curve | teacher log-lik | KL(μ‖π_S) | share β = 1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for i, point in enumerate(points):
-        runs = [outs[(i, s)] for s in range(args.seeds)]
-        finals = [curve(o)[1][-1] for o in runs]
-        aucs = [area(*curve(o)) for o in runs]
-        lines.append(f"| `{' '.join(point)}` | {fmt(finals)} | {fmt(aucs)} |")
+        first = load_config(args.recipe, args.set + point).method.horizon
+        stats = [run_stats(outs[(i, s)], first) for s in range(args.seeds)]
+        early = []
+        for key in EARLY_KEYS[:3]:
+            values = [r["early"][key] for r in stats if key in r["early"]]
+            early.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        lines.append(f"| `{' '.join(point)}` | {fmt_ci([r['final'] for r in stats])} | "
+                     f"{fmt_ci([r['auc'] for r in stats])} | " + " | ".join(early) + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -39,22 +39,28 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-def plot_comparison(runs: dict[str, list[Path]], out: Path, key: str = "eval_accuracy") -> Path:
-    """Mean ± std of `key` over seeds for each method."""
+def plot_comparison(runs: dict[str, list[Path]], out: Path,
+                    keys: tuple[str, ...] = ("eval_accuracy", "probe_kl")) -> Path:
+    """One panel per key: the mean over seeds of each method, with its 95% t-interval as a band."""
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, dirs in runs.items():
-        curves = [_series(read_metrics(d / "metrics.jsonl"), key) for d in dirs]
-        steps = curves[0][0]
-        ys = np.array([c[1][: len(steps)] for c in curves])
-        mean, std = ys.mean(0), ys.std(0)
-        ax.plot(steps, mean, label=method)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(dict(PANELS).get(key, key))
-    ax.grid(alpha=0.3)
-    ax.legend()
+    from student_trainer.stats import t975
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 5), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=True):
+        for method, dirs in runs.items():
+            curves = [_series(read_metrics(d / "metrics.jsonl"), key) for d in dirs]
+            steps = curves[0][0]
+            ys = np.array([c[1][: len(steps)] for c in curves])
+            mean = ys.mean(0)
+            half = t975(len(dirs) - 1) * ys.std(0, ddof=1) / np.sqrt(len(dirs)) if len(dirs) > 1 else 0 * mean
+            ax.plot(steps, mean, label=method)
+            ax.fill_between(steps, mean - half, mean + half, alpha=0.15)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(dict(PANELS).get(key, key))
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(f"mean over {len(next(iter(runs.values())))} seeds, 95% interval bands")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

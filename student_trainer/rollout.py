@@ -209,8 +209,9 @@ def summarize(diagnostics: list[tuple[torch.Tensor, StepDiagnostics]]) -> dict[s
     finite_beta = beta[~beta.isnan()]
     if len(finite_beta):
         q = torch.quantile(finite_beta, torch.tensor([0.1, 0.5, 0.9]))
+        # beta_one: the share of positions where the teacher itself lies inside the ball (no blending needed).
         out.update(beta_mean=finite_beta.mean().item(), beta_p10=q[0].item(), beta_p50=q[1].item(),
-                   beta_p90=q[2].item())
+                   beta_p90=q[2].item(), beta_one=(finite_beta >= 1.0).float().mean().item())
     for name, x in (("kl_mu_student", kl), ("teacher_logprob", tlp)):
         x = x[~x.isnan()]
         if len(x):
