@@ -5,8 +5,11 @@
 ARG SGLANG_IMAGE=lmsysorg/sglang:latest
 FROM ${SGLANG_IMAGE}
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_DISABLE_TELEMETRY=1
-RUN useradd --create-home trb \
- && mkdir -p /runs /home/trb/.cache/huggingface && chown -R trb:trb /runs /home/trb/.cache
+# uid 1000 as in deploy/Dockerfile (--non-unique: the base image may have a user 1000 already), so that
+# the teacher and trainer images can share the `trb-key` volume (/run/trb-key, 0700) and its 0600 key.
+RUN useradd --create-home --non-unique --uid 1000 trb \
+ && mkdir -p /runs /run/trb-key /home/trb/.cache/huggingface \
+ && chown -R trb:trb /runs /run/trb-key /home/trb/.cache && chmod 700 /run/trb-key
 WORKDIR /app
 # Dependencies first: install the package from pyproject.toml with empty modules. SGLang's own
 # torch and transformers already satisfy our lower bounds, so pip keeps them (no constraints here:

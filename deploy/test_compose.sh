@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# `make test-compose`: build the images and run docker-compose.yml (+ docker-compose.ci.yml) for real:
-# `trb-train --check` must pass against the teacher container, the teacher must become healthy, the
-# trainer must finish its tiny run with exit status 0, print the run summary and leave a checkpoint
-# in the `runs` volume.
+# `make test-compose`: build the images and run docker-compose.yml (+ docker-compose.ci.yml) for real,
+# with TRB_API_KEY unset as on a fresh clone: the teacher must mint its key into the `trb-key` volume
+# (0600, user trb), refuse requests without it (401), keep it across a restart; `trb-train --check`
+# must pass against the teacher container, the teacher must become healthy, the trainer must finish
+# its tiny run with exit status 0, print the run summary and leave a checkpoint in the `runs` volume;
+# the key must appear neither in the run folder nor in the containers' output.
 #
 # The Docker engine is private to this script: Debian's docker.io + docker-compose (installed with
 # apt-get when missing), dockerd on its own data root, socket and exec root under $TRB_COMPOSE_DIR,
@@ -28,6 +30,7 @@ COMPOSE_FILES=(-f docker-compose.yml -f docker-compose.ci.yml)
 DOCKERD_PID=
 CREATED_POLICY=
 COMPOSE=()
+KEY=                               # the teacher's minted key, read from its volume; never printed
 STARTED=$(date +%s)
 
 log() { printf '[test-compose +%ss] %s\n' "$(($(date +%s) - STARTED))" "$*"; }
@@ -202,11 +205,73 @@ check_run() {
     [ "$ckpt" = "$(printf 'step_%06d' "$STEPS")" ] || log "WARNING: expected step_$(printf '%06d' "$STEPS"), found $ckpt"
 }
 
+wait_healthy() {
+    # /health needs no key and answers once the model has loaded (the key is minted before that).
+    for _ in $(seq 180); do
+        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$TEACHER_PORT/health', timeout=2)" \
+            2>/dev/null && return 0
+        sleep 1
+    done
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" logs --no-color --tail 20 teacher || true
+    fail "the teacher did not answer /health on 127.0.0.1:$TEACHER_PORT within 180s"
+}
+
+status_of() {  # the HTTP status of GET /v1/model with the given Authorization header ("" for none)
+    python3 - "http://127.0.0.1:$TEACHER_PORT/v1/model" "$1" <<'PY'
+import sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": sys.argv[2]} if sys.argv[2] else {})
+try:
+    print(urllib.request.urlopen(req, timeout=10).status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+PY
+}
+
+in_key_volume() {  # a command in a throwaway trainer container with the key volume mounted read-only
+    timeout 120 docker run --rm --network none -v "${PROJECT}_trb-key:/run/trb-key:ro" --entrypoint sh \
+        trb-distill/trainer:local -c "$1"
+}
+
+check_key() {
+    # TRB_API_KEY is unset: the teacher minted a key into its volume, and serves no one without it.
+    local mode code
+    mode=$(in_key_volume 'stat -c "%a %U" /run/trb-key/key') || fail "the teacher minted no key in the trb-key volume"
+    [ "$mode" = "600 trb" ] || fail "the minted key file is '$mode', expected mode 600 and owner trb"
+    KEY=$(in_key_volume 'cat /run/trb-key/key')
+    [ ${#KEY} -ge 32 ] || fail "the minted key is ${#KEY} characters, expected 32+"
+    code=$(status_of "")
+    [ "$code" = 401 ] || [ "$code" = 403 ] || fail "the teacher answered $code to a request without a key; expected 401"
+    code=$(status_of "Bearer not-the-key-0000")
+    [ "$code" = 401 ] || [ "$code" = 403 ] || fail "the teacher answered $code to a request with a wrong key; expected 401"
+    code=$(status_of "Bearer $KEY")
+    [ "$code" = 200 ] || fail "the teacher answered $code to a request with the minted key; expected 200"
+    log "key: minted into the trb-key volume (mode $mode); the teacher refuses requests without it (401)"
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" restart -t 10 teacher >/dev/null 2>&1 || fail "teacher restart failed"
+    wait_healthy
+    [ "$(in_key_volume 'cat /run/trb-key/key')" = "$KEY" ] || fail "the teacher minted a new key on restart"
+    code=$(status_of "Bearer $KEY")
+    [ "$code" = 200 ] || fail "after a restart the teacher answered $code to the minted key; expected 200"
+    log "key: the restarted teacher kept it"
+}
+
+check_no_leak() {
+    local log
+    for log in "$STATE/check.log" "$STATE/up.log"; do
+        grep -qF -- "$KEY" "$log" && fail "the key appears in $log"
+    done
+    timeout 120 docker run --rm --network none -v "${PROJECT}_trb-key:/run/trb-key:ro" -v "${PROJECT}_runs:/runs:ro" \
+        --entrypoint sh trb-distill/trainer:local -c "! grep -rqF -- \"\$(cat /run/trb-key/key)\" /runs/$RUN_NAME" \
+        || fail "the key appears in the run folder /runs/$RUN_NAME"
+    log "key: in neither the run folder nor the containers' output"
+}
+
 dry_run() {
     # `trb-train --check` in the trainer image against the teacher container: it waits for the teacher
     # (saying why while it loads), checks the student, the tokenizers and the data, and trains nothing.
     log "dry run: teacher up, then trb-train --check in a one-off trainer container"
     "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" up -d --no-build teacher >/dev/null
+    wait_healthy
+    check_key
     timeout 600 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" run --rm -T --no-deps trainer \
         --config recipes/arithmetic/trb.yaml --set student.path=/models/arith-student \
         --set "teacher.url=http://127.0.0.1:$TEACHER_PORT" --set "train.steps=$STEPS" --set train.batch_size=4 \
@@ -224,7 +289,7 @@ main() {
     wheelhouse
     models
     export TRB_BASE_IMAGE=$BASE_IMAGE TRB_STEPS=$STEPS TRB_RUN=$RUN_NAME
-    export TRB_API_KEY=ci-$(python3 -c 'import secrets; print(secrets.token_hex(12))')
+    unset TRB_API_KEY TRB_API_KEY_FILE   # a bare `docker compose up`: the teacher mints the key
     export TEACHER_PORT=${TEACHER_PORT:-$(free_port)}
     unset STUDENT_MODEL TEACHER_MODEL
 
@@ -252,6 +317,7 @@ main() {
     [ "$rc" = 124 ] && fail "docker-compose up did not finish within ${UP_TIMEOUT}s"
     [ "$rc" = 0 ] || fail "docker-compose up exited with status $rc (the trainer's, or compose's own error above)"
     check_run "$out"
+    check_no_leak
     [ -z "$(docker network ls -q --filter driver=bridge)" ] || fail "a bridge network exists; everything must stay on the host's 127.0.0.1"
     log "PASSED: test-compose in $(($(date +%s) - STARTED))s"
 }

@@ -44,8 +44,9 @@ class TeacherCfg(_Section):
                                         "(least-loaded routing, sessions pinned); null starts one locally.")
     model: str | None = Field(None, description="Teacher model for the local server (when url is null).")
     top_k: int = Field(20, ge=1, description="Teacher logprobs per position: its top-k tokens (plus the tail mass).")
-    api_key: str | None = Field(default_factory=lambda: os.environ.get("TRB_API_KEY") or None,
-                                description="Key for a teacher that requires one (default: $TRB_API_KEY).",
+    api_key: str | None = Field(default_factory=lambda: env_api_key(),
+                                description="Key for a teacher that requires one (default: $TRB_API_KEY, else "
+                                "the key in the file named by $TRB_API_KEY_FILE).",
                                 json_schema_extra={"doc_default": "$TRB_API_KEY", "secret": True})
     timeout_s: float = Field(120.0, gt=0, description="Seconds one teacher request may take before it is retried.")
     retries: int = Field(10, ge=0, description="Retries of a request that cannot connect or gets 503/429, pausing "
@@ -209,6 +210,25 @@ class Config(_Section):
 
 class ConfigError(ValueError):
     """A bad config, with the dotted key at fault in the message."""
+
+
+def env_api_key() -> str | None:
+    """The teacher key from $TRB_API_KEY or, when that is unset, from the file $TRB_API_KEY_FILE names
+    (docker compose: the key the teacher minted into a volume only it and the trainers mount)."""
+    key = os.environ.get("TRB_API_KEY", "").strip()
+    path = os.environ.get("TRB_API_KEY_FILE", "").strip()
+    if key or not path:
+        return key or None
+    try:
+        key = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"TRB_API_KEY_FILE={path} does not exist: the teacher writes it at its first start "
+                          "(start the teacher first, e.g. docker compose up -d teacher), or set TRB_API_KEY") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TRB_API_KEY_FILE={path}: {exc}") from exc
+    if not key:
+        raise ConfigError(f"TRB_API_KEY_FILE={path} is empty")
+    return key
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from student_trainer.config import ConfigError, env_api_key
 from student_trainer.tasks.math_data import DataError, _rows
 from student_trainer.teacher_client import TeacherClient
 
@@ -160,7 +161,7 @@ async def _run_export(args: Any) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     examples = read_examples(Path(args.data), tokenizer)
     async with TeacherClient(args.url, client_id="export", timeout=args.timeout,
-                             api_key=os.environ.get("TRB_API_KEY") or None) as client:
+                             api_key=env_api_key()) as client:
         await client.wait_ready(300.0, report=_say)
         info = await (client.check_tokenizer(tokenizer) if tokenizer is not None else client.model_info())
         return await export(client, examples, Path(args.out), args.top_k, args.shard_rows, args.batch_rows,
@@ -177,6 +178,6 @@ def main(args: Any) -> None:
 
     try:
         manifest = asyncio.run(_run_export(args))
-    except (DataError, TeacherError) as exc:
+    except (ConfigError, DataError, TeacherError) as exc:
         sys.exit(f"trb-teacher export: {exc}")
     print(json.dumps(manifest))

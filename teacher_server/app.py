@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -135,7 +136,7 @@ def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], 
     app = FastAPI(title="TRB teacher server", version="0.1.0", lifespan=lifespan,
                   description="Next-token logprobs of a frozen teacher LM, for on-policy distillation.")
     app.state.server = None
-    app.state.keys = load_keys(cfg.api_keys, cfg.api_keys_file)
+    app.state.keys = load_keys(cfg.api_keys, cfg.api_keys_file, cfg.shared_key_file, os.environ.get("TRB_API_KEY"))
     install_error_handlers(app)
 
     app.add_middleware(Gatekeeper)

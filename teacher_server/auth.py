@@ -3,12 +3,20 @@
 Keys come from `TRB_TEACHER_API_KEYS="name:secret,name2:secret2"` and/or a file with one
 `name:secret` per line (`#` comments allowed). With keys configured, every route but `/health`
 needs `Authorization: Bearer <secret>` (or `X-API-Key: <secret>`).
+
+A shared key file (`--shared-key-file`, used by docker-compose.yml) lets a stack start with no key
+set by hand: the teacher mints a random key into a file that only it and its trainers can see, and
+accepts it as client `trainer`; the trainers read it through `TRB_API_KEY_FILE`.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
+import secrets
 from pathlib import Path
+
+SHARED_KEY_NAME = "trainer"
 
 
 class KeyError_(ValueError):
@@ -29,7 +37,9 @@ def parse_keys(text: str, source: str) -> dict[str, str]:
     return keys
 
 
-def load_keys(inline: str | None, file: str | None) -> dict[str, str]:
+def load_keys(inline: str | None, file: str | None, shared_file: str | None = None,
+              env_key: str | None = None) -> dict[str, str]:
+    """{secret: name} from the settings; with `shared_file`, plus the shared key (see `shared_key`)."""
     keys: dict[str, str] = {}
     if inline:
         keys.update(parse_keys(inline, "TRB_TEACHER_API_KEYS"))
@@ -38,7 +48,64 @@ def load_keys(inline: str | None, file: str | None) -> dict[str, str]:
             keys.update(parse_keys(Path(file).read_text(), file))
         except OSError as exc:
             raise KeyError_(f"cannot read API key file {file}: {exc}") from exc
+    if shared_file:
+        keys[shared_key(Path(shared_file), env_key)] = SHARED_KEY_NAME
     return keys
+
+
+def shared_key(path: Path, env_key: str | None) -> str:
+    """The trainers' key: `env_key` ($TRB_API_KEY) when set, leaving `path` alone; else the key in
+    `path`, minted there at the first start. Why reuse, not rotate: trainers still running read the
+    key once, so a teacher restart with a new key would lock them out."""
+    if env_key and env_key.strip():
+        return _checked(env_key.strip(), "TRB_API_KEY")
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    return mint_key(path)
+
+
+def mint_key(path: Path) -> str:
+    """Write a fresh random key to `path` (mode 0600) unless one is there already; return the key in it.
+
+    The key is written to a private temporary file, then hard-linked into place: the link fails if
+    another teacher (a replica sharing the volume) won the race, and nobody ever reads a half-written key.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(16) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process minted first: use its key
+    except OSError as exc:
+        raise KeyError_(f"cannot write the shared key file {path}: {exc}; the folder must be writable by this "
+                        "user (docker compose: rebuild the images, or remove the stale key volume)") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise KeyError_(f"cannot read the shared key file {path}: {exc}") from exc
+    return _checked(text.strip(), f"shared key file {path} (delete it to mint a new key)")
+
+
+def _checked(secret: str, source: str) -> str:
+    if len(secret) < 8 or any(c.isspace() or c in ",#" for c in secret):
+        raise KeyError_(f"{source}: a key needs 8+ characters and no spaces, commas or '#' "
+                        "(e.g. openssl rand -hex 16)")
+    return secret
 
 
 def load_secret(inline: str | None, file: str | None, source: str) -> str | None:

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--quarantine", type=float, default=None, dest="quarantine_s",
                        help="Seconds a request that crashed the model twice is refused (default 600).")
     serve.add_argument("--api-keys-file", default=None, help="File of name:secret lines; or set TRB_TEACHER_API_KEYS.")
+    serve.add_argument("--shared-key-file", default=None, help="Key file shared with the trainers (docker "
+                       "compose): the key in it is accepted as client `trainer`, minted there (mode 0600) at the "
+                       "first start and reused after; $TRB_API_KEY, when set, is used instead and the file left alone.")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="Allow a non-loopback --host without API keys (trusted networks only).")
     serve.add_argument("--log-level", default="info")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                  if v is not None and k not in ("command", "host", "port", "log_level", "insecure_no_auth")}
     try:
         cfg = ServerSettings(**overrides)
-        keys = load_keys(cfg.api_keys, cfg.api_keys_file)
+        keys = load_keys(cfg.api_keys, cfg.api_keys_file, cfg.shared_key_file, os.environ.get("TRB_API_KEY"))
         load_secret(None, cfg.sglang_api_key_file, "SGLang API key")  # fail now on an unreadable file
         load_secret(None, cfg.vllm_api_key_file, "vLLM API key")
     except (ValidationError, ValueError) as exc:
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     except ModelSourceError as exc:
         sys.exit(f"trb-teacher: {exc}")
     if not keys and args.host not in LOOPBACK and not args.insecure_no_auth:
-        sys.exit(f"trb-teacher: refusing to listen on {args.host} without API keys; set TRB_TEACHER_API_KEYS "
-                 "or --api-keys-file, or pass --insecure-no-auth on a trusted network")
+        sys.exit(f"trb-teacher: refusing to listen on {args.host} without API keys; set TRB_TEACHER_API_KEYS, "
+                 "--api-keys-file or --shared-key-file, or pass --insecure-no-auth on a trusted network")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import uvicorn
 

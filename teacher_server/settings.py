@@ -58,6 +58,9 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = 64 << 20
     api_keys: str | None = Field(None, description="name:secret,... (prefer api_keys_file).")
     api_keys_file: str | None = None
+    shared_key_file: str | None = Field(None, description="The trainers' key, shared through a file (docker "
+                                        "compose): accepted as client `trainer`; minted there (mode 0600) at the "
+                                        "first start and reused after. $TRB_API_KEY, when set, is used instead.")
 
     @property
     def batch_tokens(self) -> int:
