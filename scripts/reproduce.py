@@ -139,9 +139,9 @@ def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, des
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "arithmetic" / "trb.yaml"))
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "arithmetic" / "trb-weak.yaml"))
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--root", default=str(REPO / "runs" / "reproduce"))
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))

@@ -35,7 +35,7 @@ def grid_points(grid: list[str]) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "arithmetic" / "trb.yaml"))
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "arithmetic" / "trb-weak.yaml"))
     parser.add_argument("--method", default="trb")
     parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...")
     parser.add_argument("--seeds", type=int, default=2)

@@ -27,7 +27,7 @@ from shared.static_decode import make_decoder
 from student_trainer.behaviors import Behavior, StepDiagnostics
 from student_trainer.row_generators import Generator, rows_of
 from student_trainer.teacher_client import TeacherClient
-from student_trainer.topk import TeacherTopK
+from student_trainer.topk import TeacherTopK, scored_logprob_of
 
 T = TypeVar("T")
 
@@ -195,6 +195,19 @@ async def score_targets(rollout: Rollout, teacher: TeacherClient, top_k: int, pa
         n = s.topk.ids.shape[0]
         ids[b, :n], lps[b, :n], tail[b, :n] = s.topk.ids, s.topk.logprobs, s.topk.tail()
     return _place(ids, lps, tail, p, rollout.tokens_B_T.shape[1])
+
+
+def sampled_teacher_logprob(rollout: Rollout) -> tuple[float, int]:
+    """(sum, count) of log π_T of the rollout's sampled response tokens, from its teacher targets
+    (`scored_logprob_of`): how likely the teacher finds the prefixes it is asked to supervise."""
+    if rollout.targets is None:
+        return 0.0, 0
+    mask_B_T = rollout.loss_mask_B_T[:, :-1]  # targets at t describe the token at t + 1
+    t = rollout.targets
+    tail = None if t.tail_logprob is None else t.tail_logprob[:, :-1][mask_B_T]
+    topk = TeacherTopK(t.ids[:, :-1][mask_B_T], t.logprobs[:, :-1][mask_B_T], tail)
+    lp_N = scored_logprob_of(topk, rollout.tokens_B_T[:, 1:][mask_B_T])
+    return float(lp_N.sum()), int(lp_N.numel())
 
 
 def summarize(diagnostics: list[tuple[torch.Tensor, StepDiagnostics]]) -> dict[str, Any]:

@@ -56,13 +56,13 @@ def area_under_curve(steps: list[int], acc: list[float]) -> float:
     return total / max(1, steps[-1] - steps[0])
 
 
-EARLY_KEYS = ("teacher_logprob", "kl_mu_student", "beta_one", "beta_mean")
+EARLY_KEYS = ("teacher_loglik", "kl_mu_student", "beta_one", "beta_mean")
 
 
 def early_quality(records: list[dict[str, Any]], first_steps: int) -> dict[str, float]:
     """Means over optimizer steps 1..first_steps of the behavior diagnostics of the rollouts.
 
-    teacher_logprob: how likely the teacher finds the sampled tokens (the quality of the prefixes it
+    teacher_loglik: how likely the teacher finds the sampled tokens (the quality of the prefixes it
     supervises); kl_mu_student: the realised KL(mu || pi_S) of the behavior; beta_one: the share of
     positions where the teacher itself was inside the ball. A key a method does not log (SKD has no
     beta) is left out.

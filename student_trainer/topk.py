@@ -107,6 +107,19 @@ def completed_logprob_of(
     return torch.where(hit_N_K.any(-1), on_s_N, off_s_N)
 
 
+def scored_logprob_of(topk: TeacherTopK, tokens_N: torch.Tensor) -> torch.Tensor:
+    """log π_T(token) per row from the teacher's answer alone: exact on S, log T_tail off S.
+
+    Off S it is an upper bound (the token has at most the tail's mass), and it needs no student, so
+    it measures the teacher's view of sampled tokens alike for every behavior, including those that
+    never saw the teacher while sampling (OPD scores after the rollout).
+    """
+    hit_N_K = topk.ids == tokens_N.unsqueeze(-1)
+    t_top_N_K = _float(topk.logprobs)
+    on_s_N = torch.where(hit_N_K, t_top_N_K, torch.full_like(t_top_N_K, -math.inf)).amax(-1)
+    return torch.where(hit_N_K.any(-1), on_s_N, topk.tail())
+
+
 def topk_reverse_kl(student_logp_N_V: torch.Tensor, topk: TeacherTopK) -> torch.Tensor:
     """KL(π_S || π̂_T) per row = Σ_S π_S(log π_S − log π_T) + S_tail(log S_tail − log T_tail).
 

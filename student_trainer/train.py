@@ -37,7 +37,7 @@ from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
 from student_trainer.offline_data import OfflineData
 from student_trainer.pipeline import Batch, Pipeline
-from student_trainer.rollout import Rollout, generate, score_targets, summarize
+from student_trainer.rollout import Rollout, generate, sampled_teacher_logprob, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
 from student_trainer.run_log import NullLog, RunLog
 from student_trainer.schedules import budget
@@ -207,6 +207,9 @@ def learn(run: Run, rollouts: list[Rollout], started: float | None = None) -> di
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     diags = [x for part in distributed.gather(d, [x for r in rollouts for x in r.diagnostics]) for x in part]
+    lps = [sampled_teacher_logprob(r) for r in rollouts]
+    lp_sum, lp_count = distributed.all_sum(d, sum(x for x, _ in lps), sum(n for _, n in lps))
+    loglik = {"teacher_loglik": lp_sum / lp_count} if lp_count else {}
     elapsed = time.perf_counter() - started
     veto = {"veto_beta": beta} if cfg.method.name == "veto" else {}
     return {"step": run.step + 1, "method": cfg.method.name, "behavior": name, "eps": eps, "loss_fn": loss_name,
@@ -214,7 +217,7 @@ def learn(run: Run, rollouts: list[Rollout], started: float | None = None) -> di
             "grad_norm": grad_norm, "skipped": not finite, "lr": run.scheduler.get_last_lr()[0],
             "response_len": n_tokens / cfg.train.batch_size, "tokens": int(n_tokens),
             "tokens_per_s": n_tokens / elapsed, "step_s": elapsed, "session_rebuilds": int(rebuilds),
-            **summarize(diags)}
+            **loglik, **summarize(diags)}
 
 
 def _save(run: Run, in_flight: dict[int, Batch] | None = None) -> None:

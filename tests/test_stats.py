@@ -42,9 +42,9 @@ def test_area_under_curve() -> None:
 
 def test_early_quality_averages_the_first_steps_only() -> None:
     records = [{"step": 0, "eval_accuracy": 0.1},
-               {"step": 1, "loss": 1.0, "teacher_logprob": -2.0, "beta_one": 0.2, "kl_mu_student": 0.1},
-               {"step": 2, "loss": 1.0, "teacher_logprob": -1.0, "beta_one": 0.4, "kl_mu_student": 0.05},
-               {"step": 3, "loss": 1.0, "teacher_logprob": -9.0, "beta_one": 0.9, "kl_mu_student": 0.0}]
+               {"step": 1, "loss": 1.0, "teacher_loglik": -2.0, "beta_one": 0.2, "kl_mu_student": 0.1},
+               {"step": 2, "loss": 1.0, "teacher_loglik": -1.0, "beta_one": 0.4, "kl_mu_student": 0.05},
+               {"step": 3, "loss": 1.0, "teacher_loglik": -9.0, "beta_one": 0.9, "kl_mu_student": 0.0}]
     out = early_quality(records, first_steps=2)
-    assert out == pytest.approx({"teacher_logprob": -1.5, "beta_one": 0.3, "kl_mu_student": 0.075})
+    assert out == pytest.approx({"teacher_loglik": -1.5, "beta_one": 0.3, "kl_mu_student": 0.075})
     assert "beta_mean" not in out
