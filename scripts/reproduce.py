@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "runs" / "reproduce"))
     parser.add_argument("--results", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--teacher-device", default="cpu",
+                        help="where the shared teacher runs (GPU mode: cuda, with --set student.device=cuda)")
     parser.add_argument("--title", default="the paper's comparison, weak student on the arithmetic task (CPU)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs under --root (same recipe and overrides!), run only the rest")
@@ -154,7 +156,8 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with LocalTeacher(cfg.teacher.model, threads=1, log=root / "teacher.log") as teacher:
+    with LocalTeacher(cfg.teacher.model, "--device", args.teacher_device,
+                      threads=1 if args.teacher_device == "cpu" else None, log=root / "teacher.log") as teacher:
         jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
         with ThreadPoolExecutor(args.parallel) as pool:
             futures = {job: pool.submit(run_one, args.recipe, *job, teacher.url, root, args.set, args.reuse)

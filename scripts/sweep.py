@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "runs" / "sweep"))
     parser.add_argument("--out", default=str(REPO / "docs" / "sweep.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--teacher-device", default="cpu",
+                        help="where the shared teacher runs (GPU mode: cuda, with --set student.device=cuda)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs under --root (same recipe, grid and overrides!), run only the rest")
     args = parser.parse_args()
@@ -55,7 +57,8 @@ def main() -> None:
         (root / f"point{i}").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     jobs = [(i, s) for i in range(len(points)) for s in range(args.seeds)]
-    with LocalTeacher(cfg.teacher.model, threads=1, log=root / "teacher.log") as teacher, \
+    with LocalTeacher(cfg.teacher.model, "--device", args.teacher_device,
+                      threads=1 if args.teacher_device == "cpu" else None, log=root / "teacher.log") as teacher, \
             ThreadPoolExecutor(args.parallel) as pool:
         futures = {(i, s): pool.submit(run_one, args.recipe, args.method, s, teacher.url, root / f"point{i}",
                                        args.set + points[i], args.reuse) for i, s in jobs}

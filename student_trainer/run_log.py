@@ -30,7 +30,8 @@ class RunLog:
         self._file = open(self.path, "a")
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  ε {task.fields[eps]}  β {task.fields[beta]}  {task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}  ε {task.fields[eps]}  β {task.fields[beta]}  "
+                       "{task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not progress,
         )
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step,
@@ -104,3 +105,11 @@ def _truncate_after(path: Path, step: int) -> None:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own `Loading weights` / `Writing model shards` bars: they would repeat
+    through the run's output between our progress bar and its summary, at every eval and checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -39,7 +39,7 @@ from student_trainer.offline_data import OfflineData
 from student_trainer.pipeline import Batch, Pipeline
 from student_trainer.rollout import Rollout, generate, sampled_teacher_logprob, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
-from student_trainer.run_log import NullLog, RunLog
+from student_trainer.run_log import NullLog, RunLog, quiet_transformers
 from student_trainer.schedules import budget
 from student_trainer.student_model import StudentLoss, compute_dtype, make_policy
 from student_trainer.teacher_client import TeacherClient
@@ -393,4 +393,5 @@ async def _loop(run: Run) -> dict[str, Any]:
 
 
 def train_sync(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    quiet_transformers()
     return asyncio.run(train(cfg, resume))

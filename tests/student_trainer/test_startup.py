@@ -131,3 +131,14 @@ def test_check_refuses_a_top_k_over_the_teachers_limit(task_models, task_teacher
     proc = _train(*_tiny(task_models, task_teacher.url, tmp_path / "run"), "teacher.top_k=100000", check=True)
     assert proc.returncode != 0
     assert "trb-train: teacher.top_k=100000 exceeds the teacher's max_top_k" in proc.stderr
+
+
+def test_a_run_prints_no_transformers_progress_bars(task_models, task_teacher, tmp_path: Path) -> None:
+    """transformers' `Loading weights` / `Writing model shards` bars would repeat between our progress
+    bar and the summary at every eval and checkpoint."""
+    proc = _train(*_tiny(task_models, task_teacher.url, tmp_path / "run"), "train.save_every=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "run summary" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "checkpoints").exists()
+    for bar in ("Loading weights", "Writing model shards"):
+        assert bar not in proc.stdout + proc.stderr
