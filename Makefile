@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo reproduce clean test-compose config-doc gpu-wheels
+.PHONY: install test demo reproduce reproduce-easy clean test-compose config-doc gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -20,9 +20,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m student_trainer.demo
 
-# The paper's comparison on the arithmetic task (not in CI): writes docs/results.md and docs/results.png.
+# The paper's comparison (not in CI): every method x 5 seeds in the weak-student setting
+# (recipes/arithmetic/trb-weak.yaml); writes docs/results.md and docs/results.png.
 reproduce: $(STAMP)
 	$(BIN)/python scripts/reproduce.py
+
+# The same on the easy setting (the demo's student, recipes/arithmetic/trb.yaml): docs/results-easy.md.
+reproduce-easy: $(STAMP)
+	$(BIN)/python scripts/reproduce.py --recipe recipes/arithmetic/trb.yaml --seeds 3 --root runs/reproduce-easy \
+		--results docs/results-easy.md --title "the paper's comparison on the easy setting (the demo's student)"
 
 # docs/config.md from the config models in student_trainer/config.py (a test fails when it is stale).
 config-doc: $(STAMP)

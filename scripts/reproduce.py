@@ -1,14 +1,17 @@
 """`make reproduce`: every method of docs/methods.md on the arithmetic task, several seeds each.
 
 OPD, TRB, fixed-ε, SKD, SFT warmup (token cross-entropy), teacher warmup (reverse KL on teacher
-rollouts: what `sft_warmup` meant before) and Veto.
+rollouts: what `sft_warmup` meant before) and Veto, by default in the weak-student setting
+(recipes/arithmetic/trb-weak.yaml), where the student starts far from the teacher per token.
 
 Every run gets the same optimizer steps, batch, max_new_tokens and eval set; they all share one
-teacher server (as experiments do in practice). Writes `docs/results.md` and a comparison plot.
+teacher server (as experiments do in practice). Writes `docs/results.md` (95% intervals over seeds,
+TRB's paired differences against each baseline, the quality of the early rollouts) and a plot.
 
-    python scripts/reproduce.py [--seeds 3] [--parallel 2] [--set train.steps=150 ...]
+    python scripts/reproduce.py [--seeds 5] [--parallel 2] [--set train.steps=150 ...]
+    # GPU mode: the teacher and every student on the device, more runs at once
+    python scripts/reproduce.py --teacher-device cuda --set student.device=cuda --parallel 8
 """
-
 from __future__ import annotations
 
 import argparse
