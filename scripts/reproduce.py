@@ -45,12 +45,13 @@ def finished(out: Path) -> bool:
 
 
 def run_one(recipe: str, method: str, seed: int, url: str, root: Path, extra: list[str],
-            reuse: bool = False) -> Path:
+            reuse: bool = False, overrides: list[str] | None = None) -> Path:
+    """Run `method` (a method name, or a variant's label with its `overrides`) at `seed` under `root`."""
     out = root / f"{method}-seed{seed}"
     if reuse and finished(out):
         return out
-    sets = [f"method.name={method}", f"train.seed={seed}", f"teacher.url={url}", f"train.out_dir={out}",
-            "train.progress=false", "train.save_every=0", *extra]
+    sets = [*(overrides or [f"method.name={method}"]), f"train.seed={seed}", f"teacher.url={url}",
+            f"train.out_dir={out}", "train.progress=false", "train.save_every=0", *extra]
     cmd = [sys.executable, "-m", "student_trainer.cli", "--config", recipe] + [a for s in sets for a in ("--set", s)]
     log = (root / f"{method}-seed{seed}.log").open("w")
     proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -80,16 +81,31 @@ def run_stats(out: Path, first_steps: int) -> dict[str, Any]:
             "tokens": sum(r.get("tokens", 0) for r in records), "early": early_quality(records, first_steps)}
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`label:key=v,key=v` -> (label, overrides): one more row of the comparison, e.g. TRB at another budget."""
+    label, _, sets = text.partition(":")
+    overrides = [x for x in sets.split(",") if x]
+    if not label or not any(o.startswith("method.name=") for o in overrides):
+        raise SystemExit(f"--variant {text!r}: expected LABEL:method.name=...,KEY=VALUE,...")
+    return label, overrides
+
+
 def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, dest: Path, extra: list[str],
-                  first_steps: int, title: str) -> None:
-    stats = {m: [run_stats(o, first_steps) for o in outs] for m, outs in runs.items()}
+                  first_steps: int | dict[str, int], title: str, reused: bool = False,
+                  variants: dict[str, list[str]] | None = None) -> None:
+    """docs/results.md; `first_steps` (K: the early-rollout window) per row or one for all."""
+    def k_of(m: str) -> int:
+        return first_steps[m] if isinstance(first_steps, dict) else first_steps
+
+    stats = {m: [run_stats(o, k_of(m)) for o in outs] for m, outs in runs.items()}
     seeds = len(next(iter(runs.values())))
     order = sorted(stats, key=lambda m: -statistics.mean(r["auc"] for r in stats[m]))
     lines = [
         f"# Results: {title}", "",
         "Produced by `make reproduce` (`python scripts/reproduce.py " + " ".join(sys.argv[1:]) + "`).",
         f"Machine: {platform.machine()}, {platform.processor() or platform.system()}, "
-        f"{os.cpu_count()} cores; wall time {wall_s / 60:.1f} min for all {seeds * len(runs)} runs.", "",
+        f"{os.cpu_count()} cores; wall time {wall_s / 60:.1f} min "
+        + ("for this invocation (it reused finished runs)." if reused else f"for all {seeds * len(runs)} runs."), "",
         f"Student accuracy before distillation: {next(iter(stats.values()))[0]['start']:.3f} (greedy pass@1 on "
         "the held-out eval set, the same problems for every run).", "",
         f"Mean and 95% t-interval over {seeds} seeds, sorted by the area under the accuracy curve (the mean "
@@ -101,27 +117,29 @@ def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, des
           for m in order], "",
         "![accuracy and probe KL by method](results.png)", "",
     ]
-    if "trb" in stats and seeds > 1:
+    trbs = [m for m in order if m.startswith("trb")]
+    if trbs and seeds > 1:
         lines += ["## TRB against each baseline, paired by seed", "",
                   "Seed s of every method starts from the same student, samples its rows from the same "
                   "(seed, step, row) streams and is evaluated on the same problems, so the differences are "
                   "paired. Mean of the per-seed differences TRB − baseline and a 95% bootstrap interval "
                   "(seeds resampled with replacement, 10,000 times); the last column counts the seeds "
                   "where TRB's area is larger.", "",
-                  "| baseline | Δ final accuracy | Δ area under curve | TRB ahead (area) |",
-                  "| --- | --- | --- | --- |"]
-        trb = stats["trb"]
-        for m in order:
-            if m == "trb":
-                continue
-            row = []
-            for key in ("final", "auc"):
-                mean, lo, hi = paired_bootstrap_ci95([r[key] for r in trb], [r[key] for r in stats[m]])
-                row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-            ahead = sum(a["auc"] > b["auc"] for a, b in zip(trb, stats[m], strict=True))
-            lines.append(f"| {m} | {row[0]} | {row[1]} | {ahead} of {seeds} |")
+                  "| TRB row | baseline | Δ final accuracy | Δ area under curve | TRB ahead (area) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for t in trbs:
+            for m in order:
+                if m in trbs:
+                    continue
+                row = []
+                for key in ("final", "auc"):
+                    mean, lo, hi = paired_bootstrap_ci95([r[key] for r in stats[t]], [r[key] for r in stats[m]])
+                    row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+                ahead = sum(a["auc"] > b["auc"] for a, b in zip(stats[t], stats[m], strict=True))
+                lines.append(f"| {t} | {m} | {row[0]} | {row[1]} | {ahead} of {seeds} |")
         lines.append("")
-    lines += [f"## The early rollouts (optimizer steps 1-{first_steps})", "",
+    window = f"1-{first_steps}" if isinstance(first_steps, int) else "1-K, K = each row's method.horizon"
+    lines += [f"## The early rollouts (optimizer steps {window})", "",
               "Means over the steps and seeds of each method's behavior diagnostics: the teacher's "
               "log-likelihood of the sampled tokens (the quality of the prefixes it supervises), the realised "
               "KL(μ‖π_S) of the behavior, the share of positions where the teacher was inside the ball "
@@ -137,6 +155,9 @@ def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, des
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Hyperparameters", "", "Recipe (overrides: `" + " ".join(extra) + "`):", "", "```yaml",
               cfg_text.strip(), "```", ""]
+    if variants:
+        lines += ["Rows that are variants (their overrides on top of the recipe's):", "",
+                  *[f"- `{label}`: `{' '.join(o)}`" for label, o in variants.items()], ""]
     dest.write_text("\n".join(lines))
 
 
@@ -152,24 +173,31 @@ def main() -> None:
     parser.add_argument("--teacher-device", default="cpu",
                         help="where the shared teacher runs (GPU mode: cuda, with --set student.device=cuda)")
     parser.add_argument("--title", default="the paper's comparison, weak student on the arithmetic task (CPU)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:method.name=M,KEY=VALUE,...",
+                        help="one more row, e.g. trb_eps1_k200:method.name=trb,method.eps0=1.0,method.horizon=200")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs under --root (same recipe and overrides!), run only the rest")
     args = parser.parse_args()
     cfg = load_config(args.recipe, args.set)  # fail fast on a bad recipe or override
+    variants = dict(parse_variant(v) for v in args.variant)
+    horizons = {m: cfg.method.horizon for m in args.methods}
+    for label, overrides in variants.items():
+        horizons[label] = load_config(args.recipe, args.set + overrides).method.horizon
+    labels = [*args.methods, *variants]
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with LocalTeacher(cfg.teacher.model, "--device", args.teacher_device,
                       threads=1 if args.teacher_device == "cpu" else None, log=root / "teacher.log") as teacher:
-        jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
+        jobs = [(m, s) for s in range(args.seeds) for m in labels]
         with ThreadPoolExecutor(args.parallel) as pool:
-            futures = {job: pool.submit(run_one, args.recipe, *job, teacher.url, root, args.set, args.reuse)
-                       for job in jobs}
+            futures = {job: pool.submit(run_one, args.recipe, *job, teacher.url, root, args.set, args.reuse,
+                                        variants.get(job[0])) for job in jobs}
             outs = {job: f.result() for job, f in futures.items()}
-    runs = {m: [outs[(m, s)] for s in range(args.seeds)] for m in args.methods}
+    runs = {m: [outs[(m, s)] for s in range(args.seeds)] for m in labels}
     results = Path(args.results)
     write_results(runs, Path(args.recipe).read_text(), time.perf_counter() - started, results, args.set,
-                  first_steps=cfg.method.horizon, title=args.title)
+                  first_steps=horizons, title=args.title, reused=args.reuse, variants=variants)
     plot_comparison(runs, results.with_name("results.png"))
     print(results.read_text())
     (root / "summary.json").write_text(json.dumps({m: [str(p) for p in ps] for m, ps in runs.items()}))

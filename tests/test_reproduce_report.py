@@ -4,7 +4,9 @@ import json
 import sys
 from pathlib import Path
 
-from scripts.reproduce import write_results
+import pytest
+
+from scripts.reproduce import parse_variant, write_results
 from student_trainer.plots import plot_comparison
 
 
@@ -31,8 +33,27 @@ def test_the_report_has_intervals_paired_differences_and_early_quality(tmp_path:
     write_results(runs, "train:\n  steps: 20\n", 60.0, dest, ["train.steps=20"], first_steps=10, title="test")
     text = dest.read_text()
     assert "| trb | 0.410 [" in text and "| opd | 0.310 [" in text  # final accuracy, mean of 3 seeds
-    assert "| opd | +0.100 [+0.100, +0.100] |" in text  # TRB - OPD: the same every seed
+    assert "| trb | opd | +0.100 [+0.100, +0.100] |" in text  # TRB - OPD: the same every seed
     assert "3 of 3 |" in text
     assert "| trb | -1.000 | 0.010 | 0.500 | 0.600 |" in text
     assert text.index("| trb |") < text.index("| opd |")  # sorted by area
     assert plot_comparison(runs, tmp_path / "results.png").stat().st_size > 0
+
+
+def test_variants_are_rows_of_their_own(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--reuse"])
+    label, overrides = parse_variant("trb_e1:method.name=trb,method.eps0=1.0")
+    assert (label, overrides) == ("trb_e1", ["method.name=trb", "method.eps0=1.0"])
+    with pytest.raises(SystemExit):
+        parse_variant("trb_e1:method.eps0=1.0")  # which method?
+    runs = {"trb": [_run(tmp_path, f"trb-{s}", [0.1, 0.3, 0.4], -1.0) for s in range(2)],
+            "trb_e1": [_run(tmp_path, f"trb_e1-{s}", [0.1, 0.3, 0.5], -0.5) for s in range(2)],
+            "opd": [_run(tmp_path, f"opd-{s}", [0.1, 0.2, 0.3], -3.0) for s in range(2)]}
+    dest = tmp_path / "results.md"
+    write_results(runs, "x: 1\n", 60.0, dest, [], first_steps={"trb": 10, "trb_e1": 20, "opd": 10}, title="t",
+                  reused=True, variants={label: overrides})
+    text = dest.read_text()
+    assert "| trb_e1 | opd | +0.200 [+0.200, +0.200] |" in text and "| trb | opd | +0.100" in text
+    assert "| trb | trb_e1 |" not in text  # TRB rows are not each other's baselines
+    assert "- `trb_e1`: `method.name=trb method.eps0=1.0`" in text
+    assert "it reused finished runs" in text
