@@ -171,6 +171,10 @@ async def test_a_client_under_its_share_is_served_next(backend: CountingBackend)
             await scheduler.score(client, ScoreRequest(sequences=[[1, 2, 3]], top_k=2))
 
     async def light() -> None:
+        # Both heavy clients must have been billed once: before that one of them ties with a client never
+        # served (no use, no turn), and the tie goes to whoever queued first (seen on a loaded machine).
+        while not all(c in scheduler._usage for c in ("heavy-0", "heavy-1")):
+            await asyncio.sleep(0.005)
         for _ in range(10):
             await asyncio.sleep(0.02)
             picked_before = scheduler._batches  # batches picked so far, the running one included
