@@ -57,3 +57,13 @@ def test_variants_are_rows_of_their_own(tmp_path: Path, monkeypatch) -> None:
     assert "| trb | trb_e1 |" not in text  # TRB rows are not each other's baselines
     assert "- `trb_e1`: `method.name=trb method.eps0=1.0`" in text
     assert "it reused finished runs" in text
+
+
+def test_compare_runs_pairs_by_seed(tmp_path: Path) -> None:
+    from scripts.compare_runs import compare
+
+    for s in range(2):
+        _run(tmp_path, f"a-seed{s}", [0.1, 0.3, 0.4 + s / 10], -1.0)
+        _run(tmp_path, f"b-seed{s}", [0.1, 0.2, 0.3 + s / 10], -2.0)
+    row = compare(str(tmp_path / "a"), str(tmp_path / "b"), seeds=2)
+    assert "| +0.100 [+0.100, +0.100] |" in row and row.endswith("| 2 of 2 |")
