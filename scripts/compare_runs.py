@@ -14,21 +14,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.reproduce import run_stats  # noqa: E402
-from student_trainer.stats import paired_bootstrap_ci95  # noqa: E402
+from scripts.reproduce import paired_cells, run_stats  # noqa: E402
 
 
 def compare(a: str, b: str, seeds: int) -> str:
     """A markdown row: Δ final accuracy and Δ area (A − B) with 95% bootstrap intervals, seeds A leads."""
     sa = [run_stats(Path(f"{a}-seed{s}"), 0) for s in range(seeds)]
     sb = [run_stats(Path(f"{b}-seed{s}"), 0) for s in range(seeds)]
-    cells = []
-    for key in ("final", "auc"):
-        mean, lo, hi = paired_bootstrap_ci95([r[key] for r in sa], [r[key] for r in sb])
-        cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-    ahead = sum(x["auc"] > y["auc"] for x, y in zip(sa, sb, strict=True))
-    return f"| {a} | {b} | {cells[0]} | {cells[1]} | {ahead} of {seeds} |"
-
+    return f"| {a} | {b} | {paired_cells(sa, sb)} |"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -60,11 +60,6 @@ def run_one(recipe: str, method: str, seed: int, url: str, root: Path, extra: li
     return out
 
 
-def curve(out: Path) -> tuple[list[int], list[float]]:
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_accuracy" in r]
-    return [r["step"] for r in evals], [r["eval_accuracy"] for r in evals]
-
-
 def fmt_ci(xs: list[float]) -> str:
     """Mean [95% t-interval] over seeds."""
     if len(xs) < 2:
@@ -74,11 +69,32 @@ def fmt_ci(xs: list[float]) -> str:
 
 
 def run_stats(out: Path, first_steps: int) -> dict[str, Any]:
-    """What the report needs from one finished run."""
+    """What the report needs from one finished run (its metrics read once)."""
     records = read_metrics(out / "metrics.jsonl")
-    steps, acc = curve(out)
+    evals = [r for r in records if "eval_accuracy" in r]
+    steps, acc = [r["step"] for r in evals], [r["eval_accuracy"] for r in evals]
     return {"final": acc[-1], "auc": area_under_curve(steps, acc), "start": acc[0], "probe_kl": records[-1]["probe_kl"],
             "tokens": sum(r.get("tokens", 0) for r in records), "early": early_quality(records, first_steps)}
+
+
+def paired_cells(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
+    """`Δ final | Δ area | n of N` for runs a - b paired by seed: means with 95% bootstrap intervals,
+    and the seeds where a's area is larger."""
+    cells = []
+    for key in ("final", "auc"):
+        mean, lo, hi = paired_bootstrap_ci95([r[key] for r in a], [r[key] for r in b])
+        cells.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    ahead = sum(x["auc"] > y["auc"] for x, y in zip(a, b, strict=True))
+    return f"{cells[0]} | {cells[1]} | {ahead} of {len(a)}"
+
+
+def early_cells(stats: list[dict[str, Any]], keys: tuple[str, ...] = EARLY_KEYS) -> str:
+    """The early-rollout means of `keys` over a row's runs; '-' where the method has no such quantity."""
+    cells = []
+    for key in keys:
+        values = [r["early"][key] for r in stats if key in r["early"]]
+        cells.append(f"{statistics.mean(values):.3f}" if values else "-")
+    return " | ".join(cells)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -131,12 +147,7 @@ def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, des
             for m in order:
                 if m in trbs:
                     continue
-                row = []
-                for key in ("final", "auc"):
-                    mean, lo, hi = paired_bootstrap_ci95([r[key] for r in stats[t]], [r[key] for r in stats[m]])
-                    row.append(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-                ahead = sum(a["auc"] > b["auc"] for a, b in zip(stats[t], stats[m], strict=True))
-                lines.append(f"| {t} | {m} | {row[0]} | {row[1]} | {ahead} of {seeds} |")
+                lines.append(f"| {t} | {m} | {paired_cells(stats[t], stats[m])} |")
         lines.append("")
     window = f"1-{first_steps}" if isinstance(first_steps, int) else "1-K, K = each row's method.horizon"
     lines += [f"## The early rollouts (optimizer steps {window})", "",
@@ -147,12 +158,7 @@ def write_results(runs: dict[str, list[Path]], cfg_text: str, wall_s: float, des
               "| method | teacher log-lik / token | KL(μ‖π_S) | share β = 1 | mean β |",
               "| --- | --- | --- | --- | --- |"]
     for m in order:
-        early = [r["early"] for r in stats[m]]
-        cells = []
-        for key in EARLY_KEYS:
-            values = [e[key] for e in early if key in e]
-            cells.append(f"{statistics.mean(values):.3f}" if values else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {early_cells(stats[m])} |")
     lines += ["", "## Hyperparameters", "", "Recipe (overrides: `" + " ".join(extra) + "`):", "", "```yaml",
               cfg_text.strip(), "```", ""]
     if variants:

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.reproduce import fmt_ci, run_one, run_stats  # noqa: E402
+from scripts.reproduce import early_cells, fmt_ci, run_one, run_stats  # noqa: E402
 from student_trainer.config import load_config  # noqa: E402
 from student_trainer.local_teacher import LocalTeacher  # noqa: E402
 from student_trainer.stats import EARLY_KEYS  # noqa: E402
@@ -74,12 +74,8 @@ def main() -> None:
     for i, point in enumerate(points):
         first = load_config(args.recipe, args.set + point).method.horizon
         stats = [run_stats(outs[(i, s)], first) for s in range(args.seeds)]
-        early = []
-        for key in EARLY_KEYS[:3]:
-            values = [r["early"][key] for r in stats if key in r["early"]]
-            early.append(f"{sum(values) / len(values):.3f}" if values else "-")
         lines.append(f"| `{' '.join(point)}` | {fmt_ci([r['final'] for r in stats])} | "
-                     f"{fmt_ci([r['auc'] for r in stats])} | " + " | ".join(early) + " |")
+                     f"{fmt_ci([r['auc'] for r in stats])} | {early_cells(stats, EARLY_KEYS[:3])} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -79,41 +79,39 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
+class _LibraryRun:
+    """W&B and trackio share one API: `lib.init(...)` returns a run with log / finish, and `lib.Image`."""
+
+    lib: Any
+    run: Any
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def log_image(self, path: Path, step: int) -> None:
+        self.run.log({PLOT_KEY: self.lib.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class WandB(_LibraryRun):
     def __init__(self, out: Path, config: dict[str, Any], run_name: str, project: str, ids: dict[str, str]) -> None:
         import wandb
 
-        self.wandb = wandb
+        self.lib = wandb
         ids.setdefault("wandb", uuid.uuid4().hex[:12])  # the same W&B run on --resume
         self.run = wandb.init(project=project, name=run_name, dir=str(out), config=config, id=ids["wandb"],
                               resume="allow")
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
 
-    def log_image(self, path: Path, step: int) -> None:
-        self.run.log({PLOT_KEY: self.wandb.Image(str(path))}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class Trackio:
+class Trackio(_LibraryRun):
     def __init__(self, out: Path, config: dict[str, Any], run_name: str, project: str, ids: dict[str, str]) -> None:
         import trackio
 
-        self.trackio = trackio
+        self.lib = trackio
         self.run = trackio.init(project=project, name=run_name, config=config, resume="allow",
                                 auto_log_cpu=False, auto_log_gpu=False)
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.run.log(values, step=step)
-
-    def log_image(self, path: Path, step: int) -> None:
-        self.run.log({PLOT_KEY: self.trackio.Image(str(path))}, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 class MLflow:

@@ -197,7 +197,9 @@ def learn(run: Run, rollouts: list[Rollout], started: float | None = None) -> di
             loss = _micro_loss(run, rollout, max(n_tokens, 1.0) / d.world, loss_name, beta)
             loss.backward()
         local_loss += loss.item()
-    loss_sum, rebuilds = distributed.all_sum(d, local_loss, sum(r.teacher_rebuilds for r in rollouts))
+    lps = [sampled_teacher_logprob(r) for r in rollouts]  # one collective for every sum of the step
+    loss_sum, rebuilds, lp_sum, lp_count = distributed.all_sum(
+        d, local_loss, sum(r.teacher_rebuilds for r in rollouts), sum(x for x, _ in lps), sum(n for _, n in lps))
     total_loss = loss_sum / d.world
     grad_norm = distributed.clip_grad_norm(run.student, cfg.optim.grad_clip)
     finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
@@ -207,8 +209,6 @@ def learn(run: Run, rollouts: list[Rollout], started: float | None = None) -> di
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     diags = [x for part in distributed.gather(d, [x for r in rollouts for x in r.diagnostics]) for x in part]
-    lps = [sampled_teacher_logprob(r) for r in rollouts]
-    lp_sum, lp_count = distributed.all_sum(d, sum(x for x, _ in lps), sum(n for _, n in lps))
     loglik = {"teacher_loglik": lp_sum / lp_count} if lp_count else {}
     elapsed = time.perf_counter() - started
     veto = {"veto_beta": beta} if cfg.method.name == "veto" else {}
