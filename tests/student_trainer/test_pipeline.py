@@ -107,10 +107,11 @@ def test_staleness_one_run_learns_on_batches_one_version_old(task_models, task_t
     assert summary["final_probe_kl"] < summary["initial_probe_kl"], summary
 
 
-def test_staleness_one_resume_continues_exactly(task_models, task_teacher, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_staleness_one_resume_continues_exactly(task_models, task_teacher, tmp_path, monkeypatch, producer) -> None:
     """A crash after the checkpoint at step 2 (which holds batch 2, sampled by version 1), then --resume:
     the same losses as an uninterrupted run. Resampling batch 2 with version 2 would change them."""
-    common = ("train.steps=4", "train.max_staleness=1")
+    common = ("train.steps=4", "train.max_staleness=1", f"train.producer={producer}")
     train.train_sync(_cfg(task_models, task_teacher.url, tmp_path / "a", *common))
     learn = train.learn
 
