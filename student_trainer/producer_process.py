@@ -186,6 +186,8 @@ def _main(spec: ProducerSpec, policy: torch.nn.Module, commands: Connection, rep
     try:
         if spec.cfg.train.threads:
             torch.set_num_threads(spec.cfg.train.threads)
+        if spec.device.type == "cuda":
+            torch.cuda.set_device(spec.device)
         asyncio.run(_serve(spec, policy, commands, replies))
     except BaseException:
         with contextlib.suppress(OSError):
