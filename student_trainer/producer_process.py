@@ -143,7 +143,8 @@ class ProducerProcess:
         code = self.process.exitcode
         if code is None:
             return f"the rollout producer process (pid {self.pid}) closed its pipe"
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+            f"exited with status {code} (its traceback, if any, is on stderr)"
         return f"the rollout producer process (pid {self.pid}) {how}"
 
     def close(self, timeout_s: float = 10.0) -> None:
