@@ -112,10 +112,8 @@ class ProducerProcess:
 
     async def produce(self, step: int, policy: torch.nn.Module) -> list[Rollout]:
         """Batch `step`, sampled by the process from the shared weights (`policy`, written before)."""
-        try:
+        with contextlib.suppress(OSError):  # else it is gone: its last words, if any, are in the replies
             self._commands.send(step)
-        except OSError as exc:  # its end is closed: it is gone
-            raise ProducerDied(self._death()) from exc
         self._asked = self._busy = True
         while True:
             kind, *rest = await asyncio.to_thread(self._receive)

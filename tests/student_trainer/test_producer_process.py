@@ -3,6 +3,7 @@ student.rollout_device: checked before any work."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -11,10 +12,14 @@ import time
 import pytest
 import torch
 from test_pipeline import _cfg, _steps
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import free_port
 from student_trainer import checkpoint, train
 from student_trainer.config import ConfigError, load_config
-from student_trainer.pipeline import PipelineError, producer_device
+from student_trainer.distributed import Dist
+from student_trainer.pipeline import PipelineError, producer_copy, producer_device
+from student_trainer.producer_process import ProducerDied, ProducerProcess, ProducerSpec
 
 
 def _producers() -> list[multiprocessing.Process]:
@@ -60,6 +65,22 @@ def test_a_killed_producer_process_fails_the_run_promptly(task_models, task_teac
     state = checkpoint.load_state(latest)
     assert state["step"] == 2 and [b.version for b in state["in_flight"][0].values()] == [1]
     assert [r["step"] for r in _steps(tmp_path)] == [1, 2, 3]  # the update under way when it died completes
+
+
+def test_a_producer_that_fails_to_start_reports_why(task_models, tmp_path) -> None:
+    """No teacher at its URL: the process sends its traceback, `produce` raises it, nothing is left."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = _cfg(task_models, url, tmp_path, "train.max_staleness=1", "teacher.ready_timeout_s=0.5")
+    policy = producer_copy(AutoModelForCausalLM.from_pretrained(task_models[1]), torch.device("cpu"), shared=True)
+    spec = ProducerSpec(cfg, AutoTokenizer.from_pretrained(task_models[1]), [url], "trainer:test", 0, 1,
+                        Dist().device)
+    remote = ProducerProcess(spec, policy)
+    try:
+        with pytest.raises(ProducerDied, match="(?s)failed:.*Traceback.*TeacherError"):
+            asyncio.run(remote.produce(0, policy))
+    finally:
+        remote.close()
+    assert remote.process.exitcode is not None and _producers() == []
 
 
 def test_an_error_before_the_first_step_stops_the_producer_process(task_models, task_teacher, tmp_path,
