@@ -158,7 +158,8 @@ class Pipeline:
             while self.next < self.steps:
                 k, v = self.next, self._version_of(self.next)
                 idle = await self._until(lambda v=v: self.version >= v)
-                copy_weights(self.policy, self.source)  # the learner is waiting for this copy: no race
+                # the learner waits for this copy, and no `produce` runs (a process reads `policy` only inside it)
+                copy_weights(self.policy, self.source)
                 self.next += 1  # batch k has its weights: the learner may move on
                 await self._notify()
                 started = time.perf_counter()

@@ -118,6 +118,8 @@ class ProducerProcess:
         while True:
             kind, *rest = await asyncio.to_thread(self._receive)
             if kind == "batch":
+                if rest[0] != step:
+                    raise ProducerDied(f"the rollout producer sent batch {rest[0]} for batch {step}")
                 self._busy = False
                 return rest[1]
             if kind == "error":

@@ -11,7 +11,8 @@ Everything a resumed run needs is a function of (seed, step) or lives in the che
 Under torchrun each rank rolls out its slice of the global batch (distributed.py); row i of step k
 samples from its own (seed, k, i) stream, so any world size gives the run one process would.
 With train.max_staleness = s > 0, batch k is rolled out by the policy of step k - s while the
-learner updates (pipeline.py, docs/async.md); it still uses step k's ε, behavior and loss.
+learner updates (pipeline.py; train.producer: a task or a process, docs/async.md); it still uses step k's
+ε, behavior and loss.
 """
 
 from __future__ import annotations
