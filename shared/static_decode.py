@@ -288,7 +288,8 @@ class StaticKVDecoder:
                     self.cursor_1.sub_(1)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # on the model's device, which need not be the current one (a producer on student.rollout_device)
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 logits_B_V = self._step()
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run this model eagerly
             current.wait_stream(side)

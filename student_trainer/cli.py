@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             print("trb-train --check: ready to train; nothing was trained or written.\n" + "\n".join(lines))
         else:
             train_sync(cfg, resume=args.resume)
-    except (TrainingError, TeacherError, ModelSourceError) as exc:
+    except (TrainingError, TeacherError, ModelSourceError, ConfigError) as exc:
         sys.exit(f"trb-train: {exc}")
     except KeyboardInterrupt:
         sys.exit("trb-train: interrupted; the last checkpoint is intact (use --resume)")

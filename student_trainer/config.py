@@ -6,6 +6,7 @@ Every section forbids unknown keys, so a typo fails before any work with the key
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,15 @@ class StudentCfg(_Section):
     decoder: Literal["auto", "eager", "static"] = Field("auto", description="Rollout KV cache: static = "
                                                         "preallocated, one captured CUDA graph per rollout; auto = "
                                                         "static on CUDA, eager (growing cache) elsewhere.")
+    rollout_device: str | None = Field(None, description="Device of the rollout producer's copy of the student "
+                                       "under train.max_staleness >= 1 (cpu, cuda, cuda:N); null: student.device.")
+
+    @field_validator("rollout_device")
+    @classmethod
+    def _device_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+            raise ValueError(f"{name!r} is not a device: cpu, cuda or cuda:N")
+        return name
 
 
 class TeacherCfg(_Section):
@@ -165,6 +175,10 @@ class TrainCfg(_Section):
     max_staleness: int = Field(0, ge=0, le=2, description="Optimizer steps the rollouts may run ahead of the "
                                "learner (docs/async.md): batch k is sampled by the policy of step k - "
                                "max_staleness; 0: rollout then update, one after the other.")
+    producer: Literal["thread", "process"] = Field("thread", description="The rollout producer under "
+                                                   "max_staleness >= 1: an asyncio task of the trainer, or a "
+                                                   "process of its own reading the weights from shared memory "
+                                                   "(docs/async.md).")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP replicates the student, "
                                              "FSDP2 shards it (GPU-sized students); unused in one process.")
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] | None = Field(
@@ -200,6 +214,13 @@ class Config(_Section):
                              "(student.dtype=bfloat16 with precision=fp32 trains in pure bf16)")
         if self.method.name == "offline_kd" and self.data.offline_path is None:
             raise ValueError("data.offline_path: method.name=offline_kd trains on a `trb-teacher export` folder")
+        if not self.train.max_staleness:
+            if self.train.producer == "process":
+                raise ValueError("train.producer: a producer process needs train.max_staleness >= 1 (at 0 the "
+                                 "learner rolls out itself)")
+            if self.student.rollout_device is not None:
+                raise ValueError("student.rollout_device: the producer's device needs train.max_staleness >= 1 (at "
+                                 "0 the learner rolls out on student.device)")
         if self.method.name == "skd" and self.method.skd_top_k > self.teacher.top_k:
             raise ValueError(f"method.skd_top_k: {self.method.skd_top_k} exceeds teacher.top_k={self.teacher.top_k}")
         return self

@@ -19,6 +19,7 @@ from shared.protocol import ModelInfo
 from student_trainer import checkpoint, startup, trackers
 from student_trainer.config import Config
 from student_trainer.data import TaskData
+from student_trainer.pipeline import producer_device
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.train import TrainingError
 
@@ -72,6 +73,7 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     """The plan as lines ("key  value"); a TrainingError, TeacherError or ModelSourceError at the first problem."""
     out = Path(cfg.train.out_dir)
     found = startup.check_sources(cfg, student=not resume)
+    producer_device(cfg.student.rollout_device, torch.device(cfg.student.device))  # ConfigError when missing
     startup.grader_note(cfg)
     ckpt = checkpoint.latest(out / "checkpoints") if resume else None
     if resume and ckpt is None:

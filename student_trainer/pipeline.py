@@ -9,12 +9,15 @@ optimizer step k, with step k's ε, behavior and loss) is sampled by exactly ver
 "whatever is newest", so a run is a function of its config, and a resumed run can reproduce it.
 The learner publishes version j+1 when its update of step j returns; before it starts updating
 the weights the producer still has to copy, it waits for that copy. Copies are in place
-(`copy_` between two modules on the same device), never through disk.
+(`copy_` between two modules, on one device or across two: `student.rollout_device`), never
+through disk.
 
-Why in process: the producer's decode loop awaits the teacher on the event loop, the same
-TeacherClient as everything else (fair share, retries, session rebuilds), while the learner's
-backward runs in a worker thread; torch ops release the GIL, so the two overlap when the
-machine has cores (or a GPU) to spare (docs/async.md has the argument, the limits and the bench).
+Two producers (`train.producer`, docs/async.md). `thread`: an asyncio task of this process; its
+decode loop awaits the teacher on the event loop, the same TeacherClient as everything else (fair
+share, retries, session rebuilds), while the learner's backward runs in a worker thread; torch ops
+release the GIL, so the two overlap when the machine has cores (or a GPU) to spare. `process`: the
+same schedule, but `produce` hands the batch to a spawned process that decodes from a shared-memory
+(or CUDA IPC) copy of the weights (producer_process.py); only the Python work leaves this process.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch
 
+from student_trainer.config import ConfigError
 from student_trainer.rollout import Rollout
 
 
@@ -53,12 +57,38 @@ def sampling_version(step: int, staleness: int, first: int) -> int:
 
 @torch.no_grad()
 def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """dst's parameters and buffers := src's, in place (addresses kept: captured graphs stay valid).
-    On CUDA it returns once the copy is done, so the learner may then write `src`."""
+    """dst's parameters and buffers := src's, in place (addresses kept: captured graphs stay valid),
+    on one device or across two. On CUDA it returns once the copy is done, so the learner may then
+    write `src` and another process may read `dst`."""
     for a, b in zip(dst.state_dict().values(), src.state_dict().values(), strict=True):
         a.copy_(b)
-    if b.is_cuda:
-        torch.cuda.current_stream(b.device).synchronize()
+    for device in {a.device, b.device}:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+
+
+def producer_device(name: str | None, learner: torch.device, launched: bool = False) -> torch.device:
+    """Where the producer's copy of the policy lives (`student.rollout_device`; None: the learner's
+    device). Checked before any model is loaded, so a device this machine lacks fails at once."""
+    if name is None:
+        return learner
+    if launched:
+        raise ConfigError(f"student.rollout_device={name}: under torchrun each rank's producer uses that rank's "
+                          "device; leave student.rollout_device unset")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"student.rollout_device={name}: this machine has {count} CUDA device(s)"
+                              f"{'' if count else ' (torch sees no CUDA)'}; use cpu or an existing cuda:N")
+    return device
+
+
+def producer_copy(source: torch.nn.Module, device: torch.device, shared: bool = False) -> torch.nn.Module:
+    """The producer's own frozen copy of the policy on `device`; `shared`: in shared memory (on a
+    CPU) so a producer process can read the weights the learner's side writes into it."""
+    policy = copy.deepcopy(source).requires_grad_(False).eval().to(device)
+    return policy.share_memory() if shared and device.type == "cpu" else policy
 
 
 Produce = Callable[[int, torch.nn.Module], Awaitable[list[Rollout]]]
@@ -68,21 +98,26 @@ class Pipeline:
     """Runs `produce(step, policy)` ahead of the learner; the learner calls `train(step, learn)`.
 
     `ready` are batches restored from a checkpoint (the ones in flight when it was written);
-    the producer starts at the first step after them.
+    the producer starts at the first step after them. `policy` is the producer's copy of the
+    weights (default: `producer_copy(source, source's device)`); `on_close` stops what `produce`
+    runs on (a producer process).
     """
 
     def __init__(self, produce: Produce, source: torch.nn.Module, start: int, steps: int, staleness: int,
-                 ready: dict[int, Batch] | None = None) -> None:
+                 ready: dict[int, Batch] | None = None, policy: torch.nn.Module | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.produce, self.source, self.first, self.steps, self.staleness = produce, source, start, steps, staleness
         self.batches = dict(ready or {})
         self.next = start
         while self.next in self.batches:
             self.next += 1
         self.version = start  # the learner's: optimizer steps its weights have taken
-        self.policy = copy.deepcopy(source).requires_grad_(False).eval()  # the producer's own weights
+        device = next(source.parameters()).device
+        self.policy = policy if policy is not None else producer_copy(source, device)  # the producer's own
+        self.on_close = on_close
         self.error: BaseException | None = None
-        device = next(source.parameters()).device  # the learner's own CUDA stream, so its kernels overlap
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the producer's
+        # the learner's own CUDA stream, so its kernels overlap the producer's
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._changed = asyncio.Condition()
         self._task: asyncio.Task | None = None
 
@@ -94,12 +129,16 @@ class Pipeline:
         return self
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        try:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+                try:
+                    await self._task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
     async def _until(self, ready: Callable[[], bool]) -> float:
         """Wait for `ready()` (or the producer's death, raised here); returns the seconds waited."""
@@ -119,7 +158,8 @@ class Pipeline:
             while self.next < self.steps:
                 k, v = self.next, self._version_of(self.next)
                 idle = await self._until(lambda v=v: self.version >= v)
-                copy_weights(self.policy, self.source)  # the learner is waiting for this copy: no race
+                # the learner waits for this copy, and no `produce` runs (a process reads `policy` only inside it)
+                copy_weights(self.policy, self.source)
                 self.next += 1  # batch k has its weights: the learner may move on
                 await self._notify()
                 started = time.perf_counter()

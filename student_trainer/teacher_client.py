@@ -109,6 +109,7 @@ class TeacherClient:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("TeacherClient needs at least one teacher URL")
+        self.client_id = client_id  # a producer process opens its own client under the same id (fair share)
         headers = {"x-client-id": client_id}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"

@@ -11,7 +11,8 @@ Everything a resumed run needs is a function of (seed, step) or lives in the che
 Under torchrun each rank rolls out its slice of the global batch (distributed.py); row i of step k
 samples from its own (seed, k, i) stream, so any world size gives the run one process would.
 With train.max_staleness = s > 0, batch k is rolled out by the policy of step k - s while the
-learner updates (pipeline.py, docs/async.md); it still uses step k's ε, behavior and loss.
+learner updates (pipeline.py; train.producer: a task or a process, docs/async.md); it still uses step k's
+ε, behavior and loss.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from student_trainer.data import TaskData
 from student_trainer.distributed import Dist
 from student_trainer.evaluation import accuracy, build_probe, probe_kl
 from student_trainer.offline_data import OfflineData
-from student_trainer.pipeline import Batch, Pipeline
+from student_trainer.pipeline import Batch, producer_device
+from student_trainer.producer_process import start_pipeline
 from student_trainer.rollout import Rollout, generate, sampled_teacher_logprob, score_targets, summarize
 from student_trainer.row_generators import RowGenerators
 from student_trainer.run_log import NullLog, RunLog, quiet_transformers
@@ -127,7 +129,7 @@ async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, ep
     """Rollouts of global batch rows `rows`, each row sampled from its own (seed, step, row) stream."""
     cfg, tok = run.cfg, run.tokenizer
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    generator = RowGenerators.seeded(cfg.train.seed, step, rows, run.dist.device)
+    generator = RowGenerators.seeded(cfg.train.seed, step, rows, next(policy.parameters()).device)
     policy.eval()
     rollout = await generate(policy, prompts, behavior, eps, run.teacher, cfg.teacher.top_k,
                              cfg.train.max_new_tokens, tok.eos_token_id, tok.pad_token_id, generator,
@@ -299,6 +301,7 @@ def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: Teac
 
 async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     _check_batch_split(cfg, d.world)
+    producer_device(cfg.student.rollout_device, d.device, d.launched)  # a missing device fails before loading
     startup.check_sources(cfg, student=not resume)
     out = Path(cfg.train.out_dir)
     if d.main:
@@ -350,15 +353,13 @@ async def _loop(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     log = _run_log(run) if run.dist.main else NullLog()
     evaluate = await _evaluator(run)
-    first = await evaluate() if run.step == 0 else None
-    if first:
-        log.log(first)
-    started, bad = time.perf_counter(), 0
-    pipe = None
-    if cfg.train.max_staleness:
-        pipe = Pipeline(functools.partial(rollout_batch, run), run.policy, run.step, cfg.train.steps,
-                        cfg.train.max_staleness, run.in_flight).start()
+    # before the first eval, so a producer process starts up meanwhile
+    pipe = start_pipeline(run, rollout_batch) if cfg.train.max_staleness else None
     try:
+        first = await evaluate() if run.step == 0 else None
+        if first:
+            log.log(first)
+        started, bad = time.perf_counter(), 0
         while run.step < cfg.train.steps:
             record = await (pipe.train(run.step, functools.partial(learn, run)) if pipe else train_step(run))
             bad = bad + 1 if record["skipped"] else 0

@@ -107,10 +107,11 @@ def test_staleness_one_run_learns_on_batches_one_version_old(task_models, task_t
     assert summary["final_probe_kl"] < summary["initial_probe_kl"], summary
 
 
-def test_staleness_one_resume_continues_exactly(task_models, task_teacher, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_staleness_one_resume_continues_exactly(task_models, task_teacher, tmp_path, monkeypatch, producer) -> None:
     """A crash after the checkpoint at step 2 (which holds batch 2, sampled by version 1), then --resume:
     the same losses as an uninterrupted run. Resampling batch 2 with version 2 would change them."""
-    common = ("train.steps=4", "train.max_staleness=1")
+    common = ("train.steps=4", "train.max_staleness=1", f"train.producer={producer}")
     train.train_sync(_cfg(task_models, task_teacher.url, tmp_path / "a", *common))
     learn = train.learn
 
@@ -150,17 +151,28 @@ def test_a_dead_producer_stops_the_run_and_keeps_the_checkpoint(task_models, tas
     assert latest is not None and checkpoint.load_state(latest)["step"] == 2
 
 
+def _children(pid: int) -> set[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    found = set()
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        found |= {int(c) for c in children.read_text().split()}
+    return found
+
+
 @pytest.mark.slow
-def test_kill_9_a_staleness_one_run_then_resume(task_models, task_teacher, tmp_path) -> None:
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_kill_9_a_staleness_one_run_then_resume(task_models, task_teacher, tmp_path, producer) -> None:
     """kill -9 the CLI somewhere after its first step, then --resume: the run ends at its last step with
-    every batch sampled by exactly its version (the in-flight batch came back from the checkpoint)."""
+    every batch sampled by exactly its version (the in-flight batch came back from the checkpoint).
+    A producer process (and anything else the CLI started) exits by itself."""
     steps, out = 8, tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
         "student": {"path": str(task_models[1])}, "teacher": {"url": task_teacher.url, "top_k": 8},
         "method": {"name": "trb", "eps0": 0.3, "horizon": steps}, "data": {"eval_size": 4, "probe_size": 4},
         "train": {"steps": steps, "batch_size": 4, "max_new_tokens": 12, "eval_every": 0, "save_every": 1,
-                  "out_dir": str(out), "progress": False, "threads": 1, "max_staleness": 1}}))
+                  "out_dir": str(out), "progress": False, "threads": 1, "max_staleness": 1,
+                  "producer": producer}}))
     cli = [sys.executable, "-m", "student_trainer.cli", "--config", str(cfg)]
     proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
@@ -168,8 +180,14 @@ def test_kill_9_a_staleness_one_run_then_resume(task_models, task_teacher, tmp_p
         time.sleep(0.02)
     time.sleep(0.5)  # somewhere in a later step: rollout, update or a save
     assert proc.poll() is None, "the run ended before the kill; lengthen it"
+    children = _children(proc.pid)
+    assert len(children) >= (producer == "process")
     proc.kill()
     proc.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "a process outlived the killed trainer"
     killed_after = len(_steps(out))
     resumed = subprocess.run(cli + (["--resume"] if checkpoint.latest(out / "checkpoints") else []), cwd=REPO,
                              capture_output=True, text=True, timeout=240)
@@ -181,10 +199,12 @@ def test_kill_9_a_staleness_one_run_then_resume(task_models, task_teacher, tmp_p
 
 
 @pytest.mark.slow
-def test_two_ranks_at_staleness_one_follow_one_process_and_resume(task_models, task_teacher, tmp_path) -> None:
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_two_ranks_at_staleness_one_follow_one_process_and_resume(task_models, task_teacher, tmp_path,
+                                                                  producer) -> None:
     """Each rank runs its own producer over its rows: the one-process curve; the checkpoint holds each
     rank's batch in flight, so two ranks resumed at step 2 continue it."""
-    common = ("train.steps=4", "train.max_staleness=1", "train.threads=1")
+    common = ("train.steps=4", "train.max_staleness=1", "train.threads=1", f"train.producer={producer}")
     train.train_sync(_cfg(task_models, task_teacher.url, tmp_path / "one", *common))
     cfg = _cfg(task_models, task_teacher.url, tmp_path / "ddp", *common).public()
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
