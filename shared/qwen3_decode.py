@@ -12,9 +12,10 @@ same (B, H, capacity, D) buffers, so prompts and chunks give transformers' logit
 interface and semantics are `KVDecoder`'s (left-padded rows; rows left out of an extend get a
 masked column; position ids count real tokens).
 
-Weights are read from the live model when the decoder is built (once per rollout, so the fused
-copies follow every optimizer step); only q/k/v and gate/up are copied (`fuse_weights`), the rest
-are the model's own tensors.
+Weights are read from the live model when the decoder is built (once per rollout): q/k/v and
+gate/up are copied into one matrix each (`fuse_weights`), the rest are the model's own tensors. The
+copies are kept per model and made again when any weight changed (`fused_weights`), so a student's
+follow every optimizer step and a teacher's sessions share one set.
 
 The numerics follow transformers' Qwen3 with SDPA attention (float32: logits within 1e-5 of
 `KVDecoder`, tests/shared/test_qwen3_decode.py); `qwen3_unsupported` says which models qualify.
@@ -22,6 +23,7 @@ The numerics follow transformers' Qwen3 with SDPA attention (float32: logits wit
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +61,27 @@ def qwen3_unsupported(model: torch.nn.Module) -> str | None:
     if "dynamic" in str(getattr(model.model.rotary_emb, "rope_type", "default")):
         return "dynamic RoPE rescales with the sequence length"
     return None
+
+
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[LayerWeights]]] = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a weight does: an in-place update (AdamW, `copy_`) bumps a tensor's version,
+    a reassignment changes its storage."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def fused_weights(model: torch.nn.Module) -> list[LayerWeights]:
+    """`fuse_weights(model)`, built again only when a weight changed since the last call: a trained
+    student re-fuses once per rollout (after each optimizer step), a teacher's sessions share one copy."""
+    key = _weights_key(model)
+    cached = _FUSED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weights = fuse_weights(model)
+    _FUSED[model] = (key, weights)
+    return weights
 
 
 def fuse_weights(model: torch.nn.Module) -> list[LayerWeights]:
@@ -116,7 +139,7 @@ class Qwen3Decoder(StaticKVDecoder):
         self.eps, self.n_heads, self.n_kv, self.head_dim = c.rms_norm_eps, c.num_attention_heads, \
             c.num_key_value_heads, c.head_dim
         self.scaling = model.model.layers[0].self_attn.scaling
-        self.layer_weights = fuse_weights(model)
+        self.layer_weights = fused_weights(model)
         self.embed = model.model.embed_tokens.weight.detach()
         self.final_norm = model.model.norm.weight.detach()
         self.head = model.lm_head.weight.detach()
