@@ -1,6 +1,7 @@
-"""Decode step time of the eager KV decoder vs the static decoder, without and with a CUDA graph.
+"""Decode step time of the eager KV decoder vs the static decoder, without and with a CUDA graph,
+and (on a CPU) vs the hand-written Qwen3 step (`shared/qwen3_decode.py`).
 
-    python -m bench.bench_decode --quick            # CPU: tiny shapes, eager vs static
+    python -m bench.bench_decode --quick            # CPU: tiny shapes, eager vs static vs qwen3
     python -m bench.bench_decode                    # CUDA: Qwen3-0.6B/1.7B shapes (random weights), bf16
 
 Two patterns, each step followed by the one host sync the real loop has:
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from shared.kv_decode import KVDecoder
+from shared.qwen3_decode import Qwen3Decoder
 from shared.static_decode import StaticKVDecoder
 from teacher_server.backends.hf import HFBackend
 
@@ -68,8 +70,11 @@ def build_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.floa
 
 
 def new_decoder(model: torch.nn.Module, kind: str, capacity: int) -> KVDecoder | StaticKVDecoder:
+    """`kind`: eager, static, graph (static with a captured step) or qwen3 (CPU)."""
     if kind == "eager":
         return KVDecoder(model)
+    if kind == "qwen3":
+        return Qwen3Decoder(model, capacity=capacity)
     return StaticKVDecoder(model, capacity=capacity, capture=kind == "graph")
 
 
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"
-    kinds = list(KINDS) if cuda else ["eager", "static"]
+    kinds = list(KINDS) if cuda else ["eager", "static", "qwen3"]
     if not cuda:
         torch.set_num_threads(1)
         students, teachers, rows_list, dtype = ["quick"], ["quick"], [8, 32], torch.float32

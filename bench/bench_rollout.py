@@ -7,8 +7,9 @@ Per round, interleaved:
     HTTP; each step's extend is sent first and the student's forward runs while the server computes);
   - the same rollout with that overlap removed (`overlap=False`: the extend is awaited, then the
     student's forward runs);
-  - student alone: the student's KV decode of exactly the tokens the TRB rollout produced, with an
-    on-policy sampling call per step (what a student-only rollout of those tokens costs);
+  - student alone: the student's decode of exactly the tokens the TRB rollout produced, with the
+    decoder the rollout picks (`make_decoder`: the hand-written Qwen3 step on a CPU) and an on-policy
+    sampling call per step (what a student-only rollout of those tokens costs);
   - teacher alone: a session over HTTP fed exactly those tokens (open, one extend per step, close).
 
 Targets: TRB <= 1.3 x (student alone + teacher alone); the β solver <= 5% of the rollout.
@@ -43,7 +44,7 @@ from bench.common import (
     teacher_server,
     tiny_model,
 )
-from shared.kv_decode import KVDecoder
+from shared.static_decode import make_decoder
 from student_trainer import behaviors
 from student_trainer.behaviors import Blend, OnPolicy
 from student_trainer.rollout import Rollout, generate
@@ -115,7 +116,8 @@ def replay_steps(r: Rollout) -> list[tuple[list[int], list[list[int]]]]:
 
 def student_alone(s: Setup, steps: list[tuple[list[int], list[list[int]]]]) -> None:
     """The student's decode of the given tokens, with an on-policy sampling call per step."""
-    decoder, behavior, gen = KVDecoder(s.student, s.pad), OnPolicy(), torch.Generator().manual_seed(0)
+    decoder = make_decoder(s.student, s.pad, capacity=max(map(len, s.prompts)) + s.max_new_tokens)
+    behavior, gen = OnPolicy(), torch.Generator().manual_seed(0)
     logits = decoder.prefill(s.prompts)
     for rows, toks in steps:
         behavior.sample(logits, None, 0.0, gen)

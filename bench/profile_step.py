@@ -119,8 +119,10 @@ def _by_grad(when_grad: str, without: str) -> Callable[[], str]:
 
 def profile_opd(steps: int, batch: int, max_new: int) -> str:
     import shared.kv_decode as kv
+    import shared.static_decode as static
     import student_trainer.behaviors as behaviors
     import student_trainer.rollout as rollout
+    import student_trainer.student_model as student_model
     import student_trainer.train as train
     from student_trainer.row_generators import RowGenerators
     from student_trainer.teacher_client import TeacherClient
@@ -148,7 +150,10 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
             (train, "generate", "  decode loop (rollout.generate)"),
             (kv.KVDecoder, "prefill", "    prefill"),
             (kv.KVDecoder, "extend", "    KVDecoder.extend (incl. prefill)"),
-            (run.student, "forward", _by_grad("  student forward (loss)", "      student forward (decode)")),
+            (static.StaticKVDecoder, "prefill", "    prefill"),  # and the Qwen3 decoder built on it
+            (static.StaticKVDecoder, "extend", "    static / qwen3 decoder extend (incl. prefill)"),
+            (run.lm, "forward", "      student forward (decode: transformers)"),
+            (run.lm.base_model, "forward", _by_grad("  student body forward (loss)", "        body")),
             (rollout, "rows_of", "    rows_of"),
             (behaviors.OnPolicy, "sample", "    behavior.sample"),
             (behaviors, "_student_logp", "      log-softmax"),
@@ -158,7 +163,7 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
             (train, "score_targets", "  score_targets"),
             (TeacherClient, "score", SCORE),
             (train, "_micro_loss", "forward + loss"),
-            (train, "reverse_kl_loss", "  reverse_kl_loss"),
+            (student_model, "chunked_loss_sum", "  chunked lm_head + loss"),
             (torch.Tensor, "backward", "backward"),
             (train.distributed, "clip_grad_norm", "clip_grad_norm"),
             (run.optimizer, "step", "optimizer.step"),
@@ -167,7 +172,7 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
         try:
             with patched(clocks, targets):
                 clocks.order.insert(clocks.order.index(SCORE) + 1, SERVER_CPU)
-                clocks.order.insert(clocks.order.index("forward + loss") + 1, "  student forward (loss)")
+                clocks.order.insert(clocks.order.index("forward + loss") + 1, "  student body forward (loss)")
                 times = opd_block(run, loop, steps, server.proc.pid)
         finally:
             TeacherClient.score = score

@@ -1,12 +1,12 @@
-"""A prototype of the OPD step speed-ups proposed in docs/performance.md (finding 5), not used by the trainer.
+"""A prototype of the OPD step speed-ups of docs/performance.md (finding 5) that the trainer lacks.
 
     .venv/bin/python -m bench.prototype_fast_opd_step [--blocks 3]
 
-Three changes, measured against the shipped `train_step` and TRL's `DistillationTrainer` step in one
-interleaved run (same harness as `bench_step_vs_trl`):
+The shipped step now decodes with the hand-written Qwen3 step (`shared/qwen3_decode.py`, item 1 of
+the finding, which this prototype first measured). On top of it, measured against the shipped
+`train_step` and TRL's `DistillationTrainer` step in one interleaved run (same harness as
+`bench_step_vs_trl`):
 
-1. a hand-written Qwen3 decode step with a static KV cache (fused QKV and gate/up weights, an additive
-   mask, RoPE from a table; the prefill stays on transformers): checked here against `KVDecoder`;
 2. each row's Gumbel noise drawn once per rollout, `torch.rand((T, V))` from its own generator, which
    gives the numbers the per-step `RowGenerators.rand` draws (checked here), for a policy that draws
    V uniforms per step (OPD);
@@ -21,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from bench.bench_step_vs_trl import _prompts, opd_block, opd_run, trl_block
 from bench.common import (
@@ -39,88 +38,24 @@ from bench.common import (
     teacher_server,
     tiny_model,
 )
-from shared.kv_decode import KVDecoder, position_ids
+from shared.kv_decode import position_ids
+from shared.qwen3_decode import Qwen3Decoder
 from student_trainer.losses import reverse_kl_loss
 from student_trainer.rollout import Rollout, _left_pad, score_targets
 from student_trainer.row_generators import RowGenerators
-from student_trainer.tasks.tokenizer import build_tokenizer
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.train import Run
 
-NEG = torch.finfo(torch.float32).min
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3's RMSNorm, computed in float32 as transformers does."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-class FastQwen3Decoder:
-    """One token per row per step into a static (layers, B, H, S, D) cache; rows never stop."""
-
-    def __init__(self, model: torch.nn.Module, max_len: int) -> None:
-        c, body = model.config, model.model
-        self.model, self.max_len, self.eps = model, max_len, c.rms_norm_eps
-        self.nh, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.scale = body.layers[0].self_attn.scaling
-        self.layers = [dict(ln1=b.input_layernorm.weight, ln2=b.post_attention_layernorm.weight,
-                            qkv=torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
-                                           b.self_attn.v_proj.weight]),
-                            qn=b.self_attn.q_norm.weight, kn=b.self_attn.k_norm.weight, o=b.self_attn.o_proj.weight,
-                            gu=torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]), down=b.mlp.down_proj.weight)
-                       for b in body.layers]
-        self.embed, self.norm, self.head = body.embed_tokens.weight, body.norm.weight, model.lm_head.weight
-        freqs = torch.arange(max_len)[:, None].float() * body.rotary_emb.inv_freq.float()
-        emb = torch.cat((freqs, freqs), -1)
-        self.cos, self.sin = emb.cos(), emb.sin()
-
-    @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """The prompts through transformers (as `KVDecoder`), copied into the static cache; (B, V)."""
-        dec = KVDecoder(self.model, 0)
-        logits_B_V = dec.prefill(prompts)
-        (b, p), n_layers = dec.mask_B_S.shape, len(self.layers)
-        self.k = torch.zeros(n_layers, b, self.nkv, self.max_len, self.d)
-        self.v = torch.zeros_like(self.k)
-        for i, layer in enumerate(dec.cache.layers):
-            self.k[i, :, :, :p], self.v[i, :, :, :p] = layer.keys, layer.values
-        self.mask_B_1_1_S = torch.full((b, 1, 1, self.max_len), NEG)
-        self.mask_B_1_1_S[:, 0, 0, :p] = torch.where(dec.mask_B_S.bool(), 0.0, NEG)
-        self.filled, self.pos_B = p, dec.next_pos_B.clone()
-        return logits_B_V
-
-    @torch.inference_mode()
-    def step(self, tokens_B: torch.Tensor) -> torch.Tensor:
-        """Append one token to every row; the next-token logits, (B, V)."""
-        b, s, nh, nkv, d = tokens_B.shape[0], self.filled, self.nh, self.nkv, self.d
-        x = F.embedding(tokens_B, self.embed)[:, None]  # (B, 1, hidden)
-        cos, sin = self.cos[self.pos_B][:, None, None], self.sin[self.pos_B][:, None, None]  # (B, 1, 1, D)
-        self.mask_B_1_1_S[:, 0, 0, s] = 0.0
-        mask = self.mask_B_1_1_S[..., : s + 1]
-        for i, w in enumerate(self.layers):
-            q, k, v = F.linear(_rms(x, w["ln1"], self.eps), w["qkv"]).split([nh * d, nkv * d, nkv * d], -1)
-            q = _rms(q.view(b, 1, nh, d), w["qn"], self.eps).transpose(1, 2)
-            k = _rms(k.view(b, 1, nkv, d), w["kn"], self.eps).transpose(1, 2)
-            q = q * cos + torch.cat((-q[..., d // 2 :], q[..., : d // 2]), -1) * sin
-            k = k * cos + torch.cat((-k[..., d // 2 :], k[..., : d // 2]), -1) * sin
-            self.k[i, :, :, s : s + 1], self.v[i, :, :, s : s + 1] = k, v.view(b, 1, nkv, d).transpose(1, 2)
-            att = (q @ self.k[i, :, :, : s + 1].transpose(-1, -2) * self.scale + mask).softmax(-1)
-            x = x + F.linear((att @ self.v[i, :, :, : s + 1]).transpose(1, 2).reshape(b, 1, nh * d), w["o"])
-            gate, up = F.linear(_rms(x, w["ln2"], self.eps), w["gu"]).chunk(2, -1)
-            x = x + F.linear(F.silu(gate) * up, w["down"])
-        self.filled, self.pos_B = s + 1, self.pos_B + 1
-        return F.linear(_rms(x, self.norm, self.eps), self.head)[:, 0]
-
 
 async def fast_step(run: Run, overlap: bool = True) -> torch.Tensor:
-    """One OPD optimizer step with the three changes; returns the sampled tokens (B, T)."""
+    """One OPD optimizer step with the two changes; returns the sampled tokens (B, T)."""
     cfg, tok = run.cfg, run.tokenizer
     batch, new = cfg.train.batch_size, cfg.train.max_new_tokens
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in run.data.train_batch(run.step, batch)]
     streams = RowGenerators.seeded(cfg.train.seed, run.step, range(batch))
-    run.student.eval()
-    decoder = FastQwen3Decoder(run.student, max(map(len, prompts)) + new)
+    run.policy.eval()
+    rows = list(range(batch))
+    decoder = Qwen3Decoder(run.policy, tok.pad_token_id, max(map(len, prompts)) + new)
     logits_B_V = decoder.prefill(prompts)
     noise_B_T_V = torch.stack([torch.rand((new, logits_B_V.shape[-1]), generator=g) for g in streams.generators])
     gumbel_B_T_V = -torch.log(-torch.log(noise_B_T_V.clamp_min(torch.finfo(torch.float32).tiny)))
@@ -128,7 +63,7 @@ async def fast_step(run: Run, overlap: bool = True) -> torch.Tensor:
     for t in range(new):
         tokens_B_T[:, t] = (logits_B_V.float().log_softmax(-1) + gumbel_B_T_V[:, t]).argmax(-1)
         if t < new - 1:
-            logits_B_V = decoder.step(tokens_B_T[:, t])
+            logits_B_V = decoder.extend(rows, [[x] for x in tokens_B_T[:, t].tolist()])
     ids, prompt_mask = _left_pad(prompts, tok.pad_token_id)
     p = ids.shape[1]
     seq, attention = torch.cat([ids, tokens_B_T], 1), torch.cat([prompt_mask, torch.ones_like(tokens_B_T)], 1)
@@ -142,8 +77,8 @@ async def fast_step(run: Run, overlap: bool = True) -> torch.Tensor:
     else:
         await asyncio.wait([scored])
     run.optimizer.zero_grad(set_to_none=True)
-    run.student.train()
-    logits = run.student(input_ids=seq, attention_mask=attention, position_ids=position_ids(attention)).logits
+    run.lm.train()
+    logits = run.lm(input_ids=seq, attention_mask=attention, position_ids=position_ids(attention)).logits
     loss = reverse_kl_loss(logits, await scored, loss_mask, batch * new)[0]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.optim.grad_clip)
@@ -152,27 +87,6 @@ async def fast_step(run: Run, overlap: bool = True) -> torch.Tensor:
     run.scheduler.step()
     run.step += 1
     return tokens_B_T
-
-
-def check_decoder(model: torch.nn.Module, prompts: list[list[int]], steps: int = 95) -> str:
-    """Largest logit difference vs `KVDecoder`, and CPU ms of `steps` steps each (3 repetitions)."""
-    seeded = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, model.config.vocab_size, (steps, len(prompts)), generator=seeded)
-    rows = list(range(len(prompts)))
-    ref, fast = KVDecoder(model, 0), FastQwen3Decoder(model, max(map(len, prompts)) + steps + 1)
-    worst = (ref.prefill(prompts) - fast.prefill(prompts)).abs().max().item()
-    for t in range(steps):
-        a, b = ref.extend(rows, [[x] for x in tokens[t].tolist()]), fast.step(tokens[t])
-        worst = max(worst, (a - b).abs().max().item())
-    out = [f"decoder: max |logit difference| vs KVDecoder over {steps} steps x {len(rows)} rows: {worst:.2e}"]
-    for _ in range(3):
-        ref.prefill(prompts)
-        hf = cpu_seconds(lambda: [ref.extend(rows, [[x] for x in tokens[t].tolist()]) for t in range(steps)])
-        fast.prefill(prompts)
-        mine = cpu_seconds(lambda: [fast.step(tokens[t]) for t in range(steps)])
-        out.append(f"  CPU: KVDecoder.extend {hf * 1e3:.0f} ms, static-cache step {mine * 1e3:.0f} ms "
-                   f"({mine / hf:.2f}x)")
-    return "\n".join(out)
 
 
 def check_noise(rows: int = 32, steps: int = 96, vocab: int = 79) -> str:
@@ -202,8 +116,6 @@ def main() -> None:
     batch, max_new, steps = 32, 96, 4
     student, teacher = tiny_model("student")[0], tiny_model("teacher")[0]
     prompts = _prompts(batch * (steps + 1))
-    tok = build_tokenizer()
-    print(check_decoder(load_model(student), [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[:32]]))
     print(check_noise())
     teacher_model, res = load_model(teacher), {k: Times() for k in ("shipped", "prototype", "no overlap", "trl")}
     with teacher_server(teacher, 1) as server, asyncio.Runner() as loop:
@@ -247,7 +159,7 @@ def _same_tokens(shipped: Run, tokens_B_T: torch.Tensor, loop: asyncio.Runner) -
 
     rows = range(len(tokens_B_T))
     ro = run_sync(loop, _rollout(shipped, shipped.data.train_batch(0, len(rows)), rows, _behavior(shipped.cfg, "opd"),
-                                 0.0))
+                                 0.0, 0, shipped.policy))
     return (ro.tokens_B_T[:, ro.prompt_width :] == tokens_B_T).float().mean().item()
 
 

@@ -39,7 +39,7 @@ import torch
 
 from shared.kv_decode import DynamicCache, DynamicLayer, KVDecoder, cache_kwarg
 
-DecoderKind = Literal["auto", "eager", "static"]
+DecoderKind = Literal["auto", "eager", "static", "qwen3"]
 ROUND = 16  # capacity granularity (aligned masks keep SDPA on its fused kernels)
 HEADROOM = 64  # columns added beyond the prompt when no capacity is given
 WARMUP = 2  # eager runs of the step before capture (lazy cuBLAS/allocator init happens outside the graph)
@@ -304,16 +304,27 @@ class StaticKVDecoder:
 
 def make_decoder(model: torch.nn.Module, pad_id: int = 0, capacity: int | None = None,
                  kind: DecoderKind = "auto") -> KVDecoder | StaticKVDecoder:
-    """The decoder for this model: `auto` is the static decoder with graphs on CUDA, `KVDecoder` elsewhere.
+    """The decoder for this model. `auto`: on CUDA the static decoder with graphs; on a CPU the
+    hand-written Qwen3 step (`shared.qwen3_decode`) for a Qwen3 model, `KVDecoder` for any other.
+    `eager` is always `KVDecoder` (the generic path), `static` and `qwen3` ask for those decoders.
 
     `capacity` (prompt width + max new tokens) sizes the static buffers; without it they grow.
-    A model the static decoder cannot run (flash attention, sliding windows) gets `KVDecoder` with a
-    one-time warning when it asked for `static` or sits on CUDA.
+    A model the asked-for decoder cannot run (flash attention, sliding windows, not Qwen3) gets
+    `KVDecoder` with a one-time warning.
     """
-    if kind not in ("auto", "eager", "static"):
-        raise ValueError(f"decoder: {kind!r} is not one of auto, eager, static")
+    from shared.qwen3_decode import Qwen3Decoder, qwen3_unsupported  # it builds on this module
+
+    if kind not in ("auto", "eager", "static", "qwen3"):
+        raise ValueError(f"decoder: {kind!r} is not one of auto, eager, static, qwen3")
     on_cuda = next(model.parameters()).device.type == "cuda"
-    if kind == "eager" or (kind == "auto" and not on_cuda):
+    if kind == "eager":
+        return KVDecoder(model, pad_id)
+    if kind == "qwen3" or (kind == "auto" and not on_cuda):
+        reason = qwen3_unsupported(model)
+        if reason is None:
+            return Qwen3Decoder(model, pad_id, capacity)
+        if kind == "qwen3":
+            _warn_once(f"qwen3 decoder unavailable ({reason}); using the eager KV decoder")
         return KVDecoder(model, pad_id)
     reason = static_unsupported(model)
     if reason is not None:

@@ -33,9 +33,10 @@ class StudentCfg(_Section):
                                                   "master copy under train.precision=bf16-mixed).")
     device: str = Field("cpu", description="torch device of the student: cpu, cuda (under torchrun: each "
                         "rank's GPU).")
-    decoder: Literal["auto", "eager", "static"] = Field("auto", description="Rollout KV cache: static = "
-                                                        "preallocated, one captured CUDA graph per rollout; auto = "
-                                                        "static on CUDA, eager (growing cache) elsewhere.")
+    decoder: Literal["auto", "eager", "static", "qwen3"] = Field(
+        "auto", description="Rollout decoder: static = preallocated KV cache, one captured CUDA graph per rollout; "
+        "qwen3 = preallocated cache and a hand-written Qwen3 decode step (CPU); eager = transformers' forward "
+        "over a growing cache (any model); auto = static on CUDA, qwen3 on a CPU for Qwen3 models, else eager.")
     rollout_device: str | None = Field(None, description="Device of the rollout producer's copy of the student "
                                        "under train.max_staleness >= 1 (cpu, cuda, cuda:N); null: student.device.")
 

@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    serve.add_argument("--decoder", default=None, choices=["auto", "eager", "static"],
-                       help="hf session decoder: auto = static KV cache + CUDA graph on a GPU, eager elsewhere.")
+    serve.add_argument("--decoder", default=None, choices=["auto", "eager", "static", "qwen3"],
+                       help="hf session decoder: auto = static KV cache + CUDA graph on a GPU, the hand-written "
+                       "Qwen3 step on a CPU for Qwen3 models, eager elsewhere.")
     serve.add_argument("--served-name", default=None, help="Name reported in /v1/model.")
     serve.add_argument("--max-top-k", type=int, default=None)
     serve.add_argument("--max-context", type=int, default=None)

@@ -27,9 +27,9 @@ class ServerSettings(BaseSettings):
                                           "dropped).")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    decoder: Literal["auto", "eager", "static"] = Field(
+    decoder: Literal["auto", "eager", "static", "qwen3"] = Field(
         "auto", description="Session decoder (hf backend): auto is the static cache with a captured step on "
-        "CUDA, eager elsewhere.")
+        "CUDA, the hand-written Qwen3 step on a CPU for Qwen3 models, eager (transformers) elsewhere.")
     served_name: str | None = None
     max_top_k: int = 100
     max_context: int | None = None

@@ -100,13 +100,14 @@ def test_additive_mask_matches_boolean_mask():
     assert mask.shape == (1, 1, 1, 3) and mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 1] == torch.finfo(torch.float32).min
 
 
-def test_make_decoder_picks_eager_on_cpu_and_falls_back_for_flash_attention(tiny_model):
+def test_make_decoder_picks_static_on_request_and_falls_back_for_flash_attention(tiny_model):
     model = _model("tiny", tiny_model)
-    assert type(make_decoder(model, 0)) is KVDecoder
+    assert type(make_decoder(model, 0, kind="eager")) is KVDecoder
     assert type(make_decoder(model, 0, kind="static", capacity=32)) is StaticKVDecoder
     with pytest.raises(ValueError, match="decoder"):
         make_decoder(model, 0, kind="fast")
     model.config._attn_implementation = "flash_attention_2"
+    assert type(make_decoder(model, 0)) is KVDecoder  # auto on a CPU: neither qwen3 nor static applies
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert type(make_decoder(model, 0, kind="static")) is KVDecoder

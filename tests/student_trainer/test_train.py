@@ -201,7 +201,10 @@ def test_rollout_and_backward_splits_change_nothing(task_models, task_teacher, t
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
             assert a["teacher_logprob"] == pytest.approx(b["teacher_logprob"], abs=1e-5)
         final = [_weights(tmp_path / n / "checkpoints" / "step_000002") for n in ("whole", name)]
-        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(*final, strict=True))
+        # The teacher's sessions hold 4 or 2 rows (other GEMM shapes, other float32 rounding), and two
+        # AdamW steps amplify that: 9.0e-6 apart with transformers' session step, 1.1e-5 with the
+        # hand-written Qwen3 step (shared/qwen3_decode.py); a different token would move them by far more.
+        assert all(torch.allclose(x, y, atol=2e-5) for x, y in zip(*final, strict=True))
 
 
 def test_a_rollout_batch_that_does_not_split_fails_fast(task_models, task_teacher, tmp_path) -> None:
