@@ -209,8 +209,17 @@ async def _serve(spec: ProducerSpec, policy: torch.nn.Module, commands: Connecti
                           offline)
         replies.send_bytes(pickle.dumps(("ready",)))
         while (step := _command(commands)) is not None:
+            _written_elsewhere(policy)
             rollouts = await rollout_batch(run, step, policy)
             replies.send_bytes(pickle.dumps(("batch", step, rollouts)))
+
+
+def _written_elsewhere(policy: torch.nn.Module) -> None:
+    """The trainer may have written these weights (shared memory, CUDA IPC) since the last batch, which
+    this process's version counters cannot see: bump them, so what is keyed on a weight's version
+    (the Qwen3 decoder's fused copies, shared/qwen3_decode.py) is rebuilt."""
+    for tensor in policy.state_dict().values():
+        torch.autograd.graph.increment_version(tensor)
 
 
 def _command(commands: Connection) -> int | None:
