@@ -3,8 +3,9 @@
 Why: a request that kills the model worker (host memory running out, a kernel fault, a CUDA error)
 is retried by its client, as a 503 asks, and would kill the new worker too. Each crash costs every
 tenant its sessions and a model reload. So the scheduler fingerprints each job (kind, shape and a
-hash of the content) and, when the worker dies or the watchdog kills it, gives every job of that
-batch a strike. A job with a strike (a suspect) runs in a batch of its own from then on, so that
+hash of the content) and, when the worker dies while running a batch or the watchdog kills it,
+gives every job of that batch a strike (a worker found dead before the batch was sent, or one that
+will not restart, strikes no one: worker.WorkerCrashed vs WorkerDied). A job with a strike (a suspect) runs in a batch of its own from then on, so that
 its next crash cannot be blamed on a neighbour; a second strike quarantines it: it is refused with
 422 `quarantined` for `hold_s` seconds and never reaches the worker. Strikes are forgotten after
 `hold_s` as well, so a bystander of one crash is only ever run alone for a while.

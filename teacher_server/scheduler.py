@@ -39,7 +39,7 @@ from typing import Any
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, SessionState, StepArrays
 from teacher_server.quarantine import Quarantine, Quarantined, fingerprint
-from teacher_server.worker import WorkerDied
+from teacher_server.worker import WorkerCrashed
 
 # (seconds queued, seconds on the model) of the request handled in this task, for `Server-Timing`:
 # a client can tell the teacher's queueing from its own and the network's share of a latency.
@@ -239,7 +239,7 @@ class FairScheduler:
                     if not job.future.done():
                         job.future.set_result(result)
             except Exception as exc:  # delivered to each waiting request, which answers 503 or 500
-                crashed = isinstance(exc, WorkerDied)
+                crashed = isinstance(exc, WorkerCrashed)  # died running this batch
                 newly = self.quarantine.strike(j.fingerprint for j in batch) if crashed else set()
                 for job in batch:
                     if not job.future.done():

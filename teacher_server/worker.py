@@ -11,9 +11,14 @@ Sessions live in the worker; the server holds a `RemoteSession` handle with the 
 the worker reports after each call. Closing a handle is queued and sent with the next call, so it
 never waits behind a forward in progress.
 
-If the worker dies (killed, out of memory), the call in flight fails with `WorkerDied`, a new
+If the worker dies (killed, out of memory), the call in flight fails with `WorkerCrashed`, a new
 worker loads the model, and the sessions the old one held are gone: their next extend answers
-`session_not_found`, which clients already handle by rebuilding from their prefixes.
+`session_not_found`, which clients already handle by rebuilding from their prefixes. Only a death
+*while a call runs* can be that call's fault, so only then is it `WorkerCrashed` (which the
+poison-request quarantine counts against the batch): a worker found dead before the call is sent
+(killed while idle) is replaced first and the call runs on the new one, and a failed restart answers
+plain `WorkerDied`. Otherwise an innocent request sent after an idle kill, or during a failed
+restart, would take the blame, and two such strikes would quarantine it.
 
 A watchdog bounds each call: with `deadline_s` set, a call that has not answered within
 `deadline_s + deadline_per_token_s * tokens` gets the worker killed and restarted, and fails with
@@ -45,10 +50,14 @@ RESTART_PAUSE_S = 10.0  # after a failed restart, requests get 503 for this long
 
 
 class WorkerDied(RuntimeError):
-    """The model process exited during a call; a new one has been started."""
+    """The model process is not there to answer (503): it died, or could not be restarted."""
 
 
-class WorkerHung(WorkerDied):
+class WorkerCrashed(WorkerDied):
+    """The model process died while it ran this call (the call may be why); a new one has been started."""
+
+
+class WorkerHung(WorkerCrashed):
     """A call outran the watchdog's deadline; the worker was killed and a new one started."""
 
 
@@ -121,18 +130,28 @@ class ProcessBackend(Backend):
         with self._lock:
             if self._closing:
                 raise WorkerDied("the server is shutting down")
+            if self._conn is not None and not self._proc.is_alive():  # died while idle: not this call's fault
+                code = self._reap()
+                log.error("the model process died (exit code %s) while idle; starting a new one", code)
+                self._replace()
             if self._conn is None:  # the last restart failed: try again (after a pause), or answer 503
                 self._restart()
             drops = [self._drops.popleft() for _ in range(len(self._drops))]
             try:
                 self._conn.send((op, args, drops))
+            except OSError as exc:  # it died between the check and the send: the call never reached it
+                code = self._reap()
+                self._replace()
+                raise WorkerDied(f"the model process died (exit code {code}) before it got the request; a new "
+                                 "one is serving, open sessions were lost") from exc
+            try:
                 kind, payload = self._answer(op, tokens)
             except (EOFError, OSError) as exc:
                 code = self._reap()
                 log.error("the model process died (exit code %s) during %s; starting a new one", code, op)
                 self._replace()
-                raise WorkerDied(f"the model process died (exit code {code}); a new one is serving, "
-                                 "open sessions were lost") from exc
+                raise WorkerCrashed(f"the model process died (exit code {code}); a new one is serving, "
+                                    "open sessions were lost") from exc
         if kind == "error":
             raise payload
         return payload

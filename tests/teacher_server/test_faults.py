@@ -20,7 +20,7 @@ from student_trainer.teacher_client import TeacherClient, TeacherError
 from teacher_server import faults
 from teacher_server.backends.factory import load_backend
 from teacher_server.settings import ServerSettings
-from teacher_server.worker import ProcessBackend, WorkerHung
+from teacher_server.worker import ProcessBackend, WorkerCrashed, WorkerHung
 
 CRASH, HANG = list(faults.CRASH), list(faults.HANG)
 
@@ -47,6 +47,18 @@ def test_the_watchdog_kills_a_hung_forward_and_the_next_call_is_served(tiny_mode
         assert backend.hung == backend.restarts == 1 and backend.pid != old
         assert not _alive(old)
         assert backend.score([ScoreRequest(sequences=[[1, 2, 3]])])[0][0].top_ids.shape == (3, 20)
+    finally:
+        backend.close()
+
+
+def test_a_worker_dying_mid_call_is_a_crash_of_that_call(tiny_model: Path, hooks: None) -> None:
+    """Only a death while a call runs is `WorkerCrashed` (what the quarantine counts); the quarantine
+    tests cover the other half: a worker found dead before a call, or not restarting, is not one."""
+    backend = ProcessBackend(functools.partial(load_backend, ServerSettings(model=str(tiny_model), threads=1)))
+    try:
+        with pytest.raises(WorkerCrashed, match="exit code -9"):
+            backend.score([ScoreRequest(sequences=[CRASH + [1, 2]])])
+        assert backend.restarts == 1
     finally:
         backend.close()
 

@@ -14,7 +14,7 @@ from teacher_server.backends.hf import HFBackend
 from teacher_server.deps import client_of
 from teacher_server.quarantine import Quarantine, Quarantined, fingerprint
 from teacher_server.scheduler import FairScheduler
-from teacher_server.worker import WorkerDied
+from teacher_server.worker import WorkerCrashed, WorkerDied
 
 POISON = 11  # a request whose first token is this "kills the worker" in the fake below
 
@@ -23,18 +23,22 @@ class PoisonBackend(HFBackend):
     """The real backend, except that a batch holding a poison request dies as a crashed worker would."""
 
     batches: list[int]
+    down: int  # the next this many batches find the worker down (a failed restart): not their fault
 
     def score(self, requests):  # type: ignore[no-untyped-def]
         self.batches.append(len(requests))
         if any(r.sequences[0][0] == POISON for r in requests):
-            raise WorkerDied("the model process died (exit code -9)")
+            raise WorkerCrashed("the model process died (exit code -9)")
+        if self.down:
+            self.down -= 1
+            raise WorkerDied("the model process is down; the server retries its start")
         return super().score(requests)
 
 
 @pytest.fixture()
 def backend(tiny_model: Path) -> PoisonBackend:
     b = PoisonBackend(str(tiny_model))
-    b.batches = []
+    b.batches, b.down = [], 0
     return b
 
 
@@ -92,3 +96,18 @@ def test_standing_follows_the_peer_address_unless_it_is_loopback() -> None:
     keyed = _request("10.1.2.3", "id-1")
     keyed.state.key_name = "team-a"
     assert client_of(keyed) == "team-a"
+
+
+async def test_a_worker_that_was_down_strikes_no_one(backend: PoisonBackend) -> None:
+    """A 503 because the worker was dead before the batch was sent, or would not restart, is not the
+    batch's fault: twice in a row must not quarantine an innocent request (or even make it a suspect)."""
+    scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=64)
+    scheduler.start()
+    innocent = ScoreRequest(sequences=[[1, 2, 3]])
+    backend.down = 2
+    for _ in range(2):
+        with pytest.raises(WorkerDied):
+            await scheduler.score("good", innocent)
+    assert isinstance(await scheduler.score("good", innocent), list)
+    assert scheduler.quarantine.total == 0 and not scheduler.quarantine.suspect(
+        fingerprint("score", innocent.sequences, innocent.model_dump_json(exclude={"sequences"})))

@@ -72,10 +72,11 @@ def test_a_killed_worker_is_replaced_and_its_sessions_read_as_lost(remote: Proce
     state, _ = remote.open_session([[1, 5, 9]], top_k=3)
     old_pid = remote.pid
     os.kill(old_pid, signal.SIGKILL)
-    with pytest.raises(WorkerDied, match="exit code -9"):
-        remote.score([ScoreRequest(sequences=[[1, 2]])])
-    assert remote.pid != old_pid and remote.restarts == 1
+    time.sleep(0.2)
+    # killed while idle: the next call finds it dead, replaces it and runs on the new one (no 503,
+    # and no WorkerCrashed: the quarantine must not blame a call for a death before it was sent)
     assert remote.score([ScoreRequest(sequences=[[1, 2]])])[0][0].top_ids.shape == (2, 20)
+    assert remote.pid != old_pid and remote.restarts == 1
     with pytest.raises(SessionLost):
         remote.extend_session(state, [0], [[4]], top_k=3)
 
