@@ -11,7 +11,6 @@ transformers' separate ones: 1.3e-5 on arith-teacher at 2 threads (logits up to 
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 
 import pytest
@@ -19,11 +18,9 @@ import torch
 from test_static_decode import TOL, _drive, _model, _prompts, _random_qwen3
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-import student_trainer.rollout as rollout_mod
 from shared.kv_decode import KVDecoder
 from shared.qwen3_decode import Qwen3Decoder, qwen3_unsupported
 from shared.static_decode import StaticKVDecoder, make_decoder
-from student_trainer.behaviors import make_behavior
 
 
 @pytest.fixture
@@ -135,20 +132,3 @@ def test_qwen3_with_attention_bias_and_untied_head(one_thread):
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     assert _drive([KVDecoder(model), Qwen3Decoder(model)], cfg.vocab_size) < TOL
-
-
-def test_rollout_tokens_equal_with_qwen3_and_eager_decoders(task_models):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    student = AutoModelForCausalLM.from_pretrained(task_models[1]).eval()
-    tok = AutoTokenizer.from_pretrained(task_models[1])
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ["12+34\n", "7*8-5\n", "3+4*2+9\n", "1\n"]]
-
-    def run(kind: str):
-        return asyncio.run(rollout_mod.generate(student, prompts, make_behavior("opd"), 0.0, None, 4, 20,
-                                                tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0),
-                                                decoder=kind))
-
-    eager, fast = run("eager"), run("qwen3")
-    assert torch.equal(eager.tokens_B_T, fast.tokens_B_T)
-    assert torch.equal(eager.response_lens_B, fast.response_lens_B)

@@ -114,7 +114,8 @@ def test_make_decoder_picks_static_on_request_and_falls_back_for_flash_attention
     assert any("flash_attention_2" in str(w.message) for w in caught)
 
 
-def test_rollout_tokens_equal_with_either_decoder(task_models):
+@pytest.mark.parametrize("kind", ["static", "qwen3"])
+def test_rollout_tokens_equal_with_either_decoder(task_models, kind):
     from transformers import AutoTokenizer
 
     student = AutoModelForCausalLM.from_pretrained(task_models[1]).eval()
@@ -126,9 +127,9 @@ def test_rollout_tokens_equal_with_either_decoder(task_models):
                                                 tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0),
                                                 decoder=kind))
 
-    eager, static = run("eager"), run("static")
-    assert torch.equal(eager.tokens_B_T, static.tokens_B_T)
-    assert torch.equal(eager.response_lens_B, static.response_lens_B)
+    eager, other = run("eager"), run(kind)
+    assert torch.equal(eager.tokens_B_T, other.tokens_B_T)
+    assert torch.equal(eager.response_lens_B, other.response_lens_B)
     assert len(set(eager.response_lens_B.tolist())) > 1 or int(eager.response_lens_B[0]) == 20
 
 
