@@ -10,7 +10,9 @@ optimizer step k, with step k's ε, behavior and loss) is sampled by exactly ver
 The learner publishes version j+1 when its update of step j returns; before it starts updating
 the weights the producer still has to copy, it waits for that copy. Copies are in place
 (`copy_` between two modules, on one device or across two: `student.rollout_device`), never
-through disk.
+through disk, and one per version: batches of the version already in the producer's copy (at
+staleness s, the first s+1 batches of a run) take none, since each copy bumps the weights'
+version counters and makes the Qwen3 decode step re-fuse them (shared/qwen3_decode.py).
 
 Two producers (`train.producer`, docs/async.md). `thread`: an asyncio task of this process; its
 decode loop awaits the teacher on the event loop, the same TeacherClient as everything else (fair
@@ -114,6 +116,7 @@ class Pipeline:
         self.version = start  # the learner's: optimizer steps its weights have taken
         device = next(source.parameters()).device
         self.policy = policy if policy is not None else producer_copy(source, device)  # the producer's own
+        self.held: int | None = None  # the version copied into `policy` (None: none yet, the first batch copies)
         self.on_close = on_close
         self.error: BaseException | None = None
         # the learner's own CUDA stream, so its kernels overlap the producer's
@@ -158,8 +161,10 @@ class Pipeline:
             while self.next < self.steps:
                 k, v = self.next, self._version_of(self.next)
                 idle = await self._until(lambda v=v: self.version >= v)
-                # the learner waits for this copy, and no `produce` runs (a process reads `policy` only inside it)
-                copy_weights(self.policy, self.source)
+                if v != self.held:  # one copy per version: each copy makes a decoder re-fuse its weights
+                    # the learner waits for this copy, and no `produce` runs (a process reads `policy` only in it)
+                    copy_weights(self.policy, self.source)
+                    self.held = v
                 self.next += 1  # batch k has its weights: the learner may move on
                 await self._notify()
                 started = time.perf_counter()
@@ -173,8 +178,12 @@ class Pipeline:
             await self._notify()
 
     def _copy_pending(self, step: int) -> bool:
-        """Does a batch not yet started need the weights of version `step` (or older)?"""
-        return self.next < self.steps and self._version_of(self.next) <= step
+        """Does a batch not yet started still need a copy of version `step` (or older)? The batches of the
+        version already in `policy` need none (versions only grow: the first other one is the next copy)."""
+        k = self.next
+        while k < self.steps and self._version_of(k) == self.held:
+            k += 1
+        return k < self.steps and self._version_of(k) <= step
 
     async def train(self, step: int, learn: Callable[[list[Rollout]], dict[str, Any]]) -> dict[str, Any]:
         """Optimizer step `step` on its batch: `learn` runs in a worker thread while the producer

@@ -2,8 +2,8 @@
 
     trainer process (learner, pipeline.py)              producer process (spawned, one per rank)
     wait for version v(k); copy_ it into the shared   ──▶ shared weights (share_memory_ on a CPU,
-      copy (producer idle: no half-written update)        the same CUDA memory through IPC on a GPU)
-    send k                                             ──▶ rollout_batch(k) from those weights, its own
+      copy, if not there yet (producer idle)              the same CUDA memory through IPC on a GPU)
+    send (k, written since the last batch?)            ──▶ rollout_batch(k) from those weights, its own
                                                            event loop and TeacherClient (same id)
     batch k (pickled rollouts)                         ◀── send
 
@@ -105,15 +105,22 @@ class ProducerProcess:
         commands.close()  # the child holds these ends now: its death closes `replies` for good
         replies.close()
         self._asked = self._busy = self._closed = False
+        self._sent: tuple[int, ...] | None = None  # the shared weights' write counts at the last batch sent
+        self.refreshes = 0  # batches sent with weights written since the previous one (each one a re-fuse)
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
 
     async def produce(self, step: int, policy: torch.nn.Module) -> list[Rollout]:
-        """Batch `step`, sampled by the process from the shared weights (`policy`, written before)."""
+        """Batch `step`, sampled by the process from the shared weights (`policy`, written before).
+        The process is told whether they were written since its last batch: this side's version
+        counters see the writes (`copy_`), the process's do not."""
+        written = write_counts(policy)
+        changed, self._sent = written != self._sent, written
+        self.refreshes += changed
         with contextlib.suppress(OSError):  # else it is gone: its last words, if any, are in the replies
-            self._commands.send(step)
+            self._commands.send((step, changed))
         self._asked = self._busy = True
         while True:
             kind, *rest = await asyncio.to_thread(self._receive)
@@ -208,22 +215,31 @@ async def _serve(spec: ProducerSpec, policy: torch.nn.Module, commands: Connecti
         run = ProducerRun(cfg, tok, client, TaskData(cfg.data, tok), Dist(spec.rank, spec.world, spec.device),
                           offline)
         replies.send_bytes(pickle.dumps(("ready",)))
-        while (step := _command(commands)) is not None:
-            _written_elsewhere(policy)
+        while (command := _command(commands)) is not None:
+            step, changed = command
+            if changed:
+                _written_elsewhere(policy)
             rollouts = await rollout_batch(run, step, policy)
             replies.send_bytes(pickle.dumps(("batch", step, rollouts)))
 
 
+def write_counts(policy: torch.nn.Module) -> tuple[int, ...]:
+    """Each weight's version counter in this process: changes whenever one is written in place (`copy_`)."""
+    return tuple(tensor._version for tensor in policy.state_dict().values())
+
+
 def _written_elsewhere(policy: torch.nn.Module) -> None:
-    """The trainer may have written these weights (shared memory, CUDA IPC) since the last batch, which
-    this process's version counters cannot see: bump them, so what is keyed on a weight's version
-    (the Qwen3 decoder's fused copies, shared/qwen3_decode.py) is rebuilt."""
+    """The trainer wrote these weights (shared memory, CUDA IPC) since the last batch, which this
+    process's version counters cannot see: bump them, so what is keyed on a weight's version (the
+    Qwen3 decoder's fused copies, shared/qwen3_decode.py) is rebuilt. Only then: a needless bump
+    costs a re-fuse (1-2 s for a 0.6B model on a GPU)."""
     for tensor in policy.state_dict().values():
         torch.autograd.graph.increment_version(tensor)
 
 
-def _command(commands: Connection) -> int | None:
-    """The next step to roll out; None to stop (asked, or the trainer is gone)."""
+def _command(commands: Connection) -> tuple[int, bool] | None:
+    """The next step to roll out and whether its weights were written since the last one; None to
+    stop (asked, or the trainer is gone)."""
     parent = multiprocessing.parent_process()
     while not commands.poll(POLL_S):
         if parent is not None and not parent.is_alive():

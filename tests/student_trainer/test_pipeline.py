@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,9 +28,11 @@ def test_sampling_version() -> None:
 
 
 async def _fake_run(staleness: int, start: int = 0, steps: int = 6, ready: dict | None = None,
-                    die_at: int | None = None) -> tuple[dict[int, float], list[dict]]:
+                    die_at: int | None = None, copies: list | None = None) -> tuple[dict[int, float], list[dict]]:
     """The weight is the version (the learner adds 1 per step), so a batch's sampled value is the
-    version that sampled it; the producer yields to the loop mid-batch like a real decode loop."""
+    version that sampled it; the producer yields to the loop mid-batch like a real decode loop.
+    `copies` gets the writes into the producer's copy (its weight's version counter: what the Qwen3
+    decode step's fused weights are keyed on)."""
     source = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         source.weight.fill_(start)
@@ -49,11 +52,15 @@ async def _fake_run(staleness: int, start: int = 0, steps: int = 6, ready: dict 
             source.weight.add_(1.0)
         return {"tokens": 1}
 
-    pipe = Pipeline(produce, source, start, steps, staleness, ready).start()
+    pipe = Pipeline(produce, source, start, steps, staleness, ready)
+    written = pipe.policy.weight._version
+    pipe.start()
     try:
         records = [await pipe.train(k, learn) for k in range(start, steps)]
     finally:
         await pipe.close()
+    if copies is not None:
+        copies.append(pipe.policy.weight._version - written)
     return sampled, records
 
 
@@ -63,6 +70,53 @@ def test_each_batch_is_sampled_by_exactly_its_version(staleness: int) -> None:
     assert sampled == {k: float(max(k - staleness, 0)) for k in range(6)}
     assert [r["policy_version"] for r in records] == [max(k - staleness, 0) for k in range(6)]
     assert [r["staleness"] for r in records] == [min(k, staleness) for k in range(6)]
+
+
+@pytest.mark.parametrize(("staleness", "start", "ready"), [
+    (1, 0, None), (2, 0, None), (2, 3, {3: Batch(3, 2, []), 4: Batch(4, 3, [])}), (3, 0, None)])
+def test_the_producer_copies_each_version_once(staleness: int, start: int, ready: dict | None) -> None:
+    """Batches of one version share one copy (at staleness 1, batches 0 and 1 are both version 0);
+    the first batch after a resume still gets its own."""
+    copies: list[int] = []
+    sampled, _ = asyncio.run(_fake_run(staleness, start=start, steps=8, ready=ready, copies=copies))
+    produced = [k for k in range(start, 8) if k not in (ready or {})]
+    assert sampled == {k: float(sampling_version(k, staleness, start)) for k in produced}
+    assert copies == [len(set(sampled.values()))]
+
+
+def test_the_learner_waits_only_for_copies_still_to_make() -> None:
+    """At staleness 2 batches 0-2 are version 0, already in the producer's copy: step 0's update need not
+    wait for batch 1 to be sampled (here batch 1 waits for that update), only batch 3 (version 1) copies."""
+    source = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        source.weight.fill_(0.0)
+    sampled: dict[int, float] = {}
+    updated = threading.Event()  # set by the learner's thread
+
+    async def produce(k: int, policy: torch.nn.Module) -> list:
+        deadline = time.monotonic() + 5
+        while k == 1 and not updated.is_set():
+            assert time.monotonic() < deadline, "step 0's update waited for batch 1"
+            await asyncio.sleep(0.001)
+        sampled[k] = float(policy.weight)
+        return []
+
+    def learn(rollouts: list) -> dict:
+        with torch.no_grad():
+            source.weight.add_(1.0)
+        updated.set()
+        return {"tokens": 1}
+
+    async def run() -> None:
+        pipe = Pipeline(produce, source, 0, 5, 2).start()
+        try:
+            for k in range(5):
+                await pipe.train(k, learn)
+        finally:
+            await pipe.close()
+
+    asyncio.run(run())
+    assert sampled == {0: 0.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 2.0}
 
 
 def test_resumed_pipeline_takes_restored_batches_first() -> None:

@@ -18,7 +18,7 @@ from conftest import free_port
 from student_trainer import checkpoint, train
 from student_trainer.config import ConfigError, load_config
 from student_trainer.distributed import Dist
-from student_trainer.pipeline import PipelineError, producer_copy, producer_device
+from student_trainer.pipeline import Pipeline, PipelineError, producer_copy, producer_device
 from student_trainer.producer_process import ProducerDied, ProducerProcess, ProducerSpec
 
 
@@ -38,6 +38,38 @@ def test_process_producer_samples_the_thread_producers_tokens(task_models, task_
         assert (a["tokens"], a["response_len"]) == (b["tokens"], b["response_len"])
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["kl_mu_student"] == pytest.approx(b["kl_mu_student"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_process_producer_is_told_of_each_version_once(task_models, task_teacher, tmp_path) -> None:
+    """At staleness 1 batches 0 and 1 are both version 0: four batches, three copies into the shared
+    weights, and the process bumps its version counters (the Qwen3 step re-fuses) after three."""
+    cfg = _cfg(task_models, task_teacher.url, tmp_path, "train.steps=4", "train.max_staleness=1", "train.threads=1")
+    source = AutoModelForCausalLM.from_pretrained(task_models[1])
+    policy = producer_copy(source, torch.device("cpu"), shared=True)
+    spec = ProducerSpec(cfg, AutoTokenizer.from_pretrained(task_models[1]), [task_teacher.url], "trainer:test", 0, 1,
+                        Dist().device)
+    remote = ProducerProcess(spec, policy)
+    written = policy.model.norm.weight._version  # one weight (not the tied embedding, written twice a copy)
+
+    def learn(rollouts: list) -> dict:
+        with torch.no_grad():
+            for p in source.parameters():
+                p.mul_(1.01)
+        return {"tokens": sum(int(r.tokens_B_T.numel()) for r in rollouts)}
+
+    async def run() -> list[dict]:
+        pipe = Pipeline(remote.produce, source, 0, 4, 1, policy=policy, on_close=remote.close).start()
+        try:
+            return [await pipe.train(k, learn) for k in range(4)]
+        finally:
+            await pipe.close()
+
+    records = asyncio.run(run())
+    assert [r["policy_version"] for r in records] == [0, 0, 1, 2]
+    assert policy.model.norm.weight._version - written == 3
+    assert remote.refreshes == 3
+    assert _producers() == []
 
 
 def test_a_killed_producer_process_fails_the_run_promptly(task_models, task_teacher, tmp_path, monkeypatch) -> None:
