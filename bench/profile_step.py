@@ -122,6 +122,7 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
     import shared.static_decode as static
     import student_trainer.behaviors as behaviors
     import student_trainer.rollout as rollout
+    import student_trainer.streamed_targets as streamed_targets
     import student_trainer.student_model as student_model
     import student_trainer.train as train
     from student_trainer.row_generators import RowGenerators
@@ -160,7 +161,9 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
             (behaviors, "sample_categorical", "      sample_categorical"),
             (RowGenerators, "rand", "        RowGenerators.rand"),
             (behaviors, "_diagnostics", "      _diagnostics"),
-            (train, "score_targets", "  score_targets"),
+            (streamed_targets.TargetStream, "flush", "    streamed targets: collect a chunk, send the next"),
+            (streamed_targets.TargetStream, "finish", "    streamed targets: the last chunk (waited for)"),
+            (train, "score_targets", "  score_targets (teacher.stream_chunk_tokens 0, or a refused stream)"),
             (TeacherClient, "score", SCORE),
             (train, "_micro_loss", "forward + loss"),
             (student_model, "chunked_loss_sum", "  chunked lm_head + loss"),

@@ -121,8 +121,9 @@ class KVDecoder:
         return self.extend(list(range(len(sequences))), sequences)
 
     @torch.inference_mode()
-    def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Append `tokens[i]` to row `rows[i]`; returns those rows' next-token logits, (len(rows), V)."""
+    def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], all_positions: bool = False) -> torch.Tensor:
+        """Append `tokens[i]` to row `rows[i]`; returns those rows' next-token logits, (len(rows), V),
+        or with `all_positions` the logits after every new token, row by row: (Σ len(tokens[i]), V)."""
         batch, width = self.mask_B_S.shape[0], max(len(t) for t in tokens)
         ids_B_M = torch.full((batch, width), self.pad_id, dtype=torch.long)
         mask_B_M = torch.zeros((batch, width), dtype=torch.long)
@@ -137,7 +138,15 @@ class KVDecoder:
         out = self.model(input_ids=ids_B_M, attention_mask=self.mask_B_S, position_ids=pos_B_M,
                          use_cache=True, **{self._kw: self.cache})
         self.cache = getattr(out, self._kw)
+        if all_positions:
+            return block_positions(out.logits, rows, tokens)
         return out.logits[list(rows), -1]
+
+
+def block_positions(logits_B_M_V: torch.Tensor, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The logits after each real token of a right-aligned extend block, row by row: (Σ len(tokens[i]), V)."""
+    width = logits_B_M_V.shape[1]
+    return torch.cat([logits_B_M_V[row, width - len(toks) :] for row, toks in zip(rows, tokens, strict=True)])
 
 
 def position_ids(mask_B_T: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,12 @@ class SessionExtendRequest(_Request):
         description="Which rows the token lists belong to (finished rows are simply left out); "
         "default: every row of the session, in order.",
     )
+    all_positions: bool = Field(
+        False,
+        description="Return the top-k after every new token, not only after each row's last one: the "
+        "arrays then hold one entry per new token, row by row in the order of `rows`. Streams a "
+        "rollout's teacher targets chunk by chunk while it is still being sampled.",
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> "SessionExtendRequest":
@@ -135,16 +141,18 @@ class SessionExtendRequest(_Request):
 
 
 class SessionStep(BaseModel):
-    """Next-token distributions of the listed rows after the latest tokens."""
+    """Next-token distributions of the listed rows after the latest tokens (after every new token
+    with `all_positions`: then the arrays have one entry per new token, not per row)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     session_id: str = Field(description="Handle for extend and delete.")
     rows: list[int] = Field(description="Row indices the arrays below refer to, in order.")
     lengths: list[int] = Field(description="Prefix length of each listed row after this step.")
-    top_ids: Ids2D = Field(description="Top-k next-token ids per row; shape (rows, k).")
-    top_logprobs: Floats2D = Field(description="Logprobs of top_ids; shape (rows, k).")
-    tail_logprob: Floats1D = Field(description="Log of the mass outside the top-k per row; shape (rows,).")
+    top_ids: Ids2D = Field(description="Top-k next-token ids per row (per new token with all_positions); "
+                           "shape (entries, k).")
+    top_logprobs: Floats2D = Field(description="Logprobs of top_ids; shape (entries, k).")
+    tail_logprob: Floats1D = Field(description="Log of the mass outside the top-k; shape (entries,).")
 
 
 class ModelInfo(BaseModel):

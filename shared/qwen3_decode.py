@@ -167,9 +167,10 @@ class Qwen3Decoder(StaticKVDecoder):
             self._cos_C_D = self._sin_C_D = self._mask_B_C = None
         super()._reserve(needed)
 
-    def _extend_block(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _extend_block(self, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                      all_positions: bool = False) -> torch.Tensor:
         self._mask_B_C = None  # the block wrote columns of `colmask_B_C`
-        return super()._extend_block(rows, tokens)
+        return super()._extend_block(rows, tokens, all_positions)
 
     def _tables(self) -> None:
         """RoPE from the model's own rotary module (any static RoPE type) and the additive mask."""

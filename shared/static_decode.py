@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from shared.kv_decode import DynamicCache, DynamicLayer, KVDecoder, cache_kwarg
+from shared.kv_decode import DynamicCache, DynamicLayer, KVDecoder, block_positions, cache_kwarg
 
 DecoderKind = Literal["auto", "eager", "static", "qwen3"]
 ROUND = 16  # capacity granularity (aligned masks keep SDPA on its fused kernels)
@@ -202,14 +202,16 @@ class StaticKVDecoder:
         return self.extend(list(range(len(sequences))), sequences)
 
     @torch.inference_mode()
-    def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Append `tokens[i]` to row `rows[i]`; returns those rows' next-token logits, (len(rows), V)."""
+    def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], all_positions: bool = False) -> torch.Tensor:
+        """Append `tokens[i]` to row `rows[i]`; returns those rows' next-token logits, (len(rows), V),
+        or with `all_positions` the logits after every new token, row by row: (Σ len(tokens[i]), V)."""
         if all(len(t) == 1 for t in tokens):
             return self._extend_one(rows, tokens)
-        return self._extend_block(rows, tokens)
+        return self._extend_block(rows, tokens, all_positions)
 
     # ---- multi-token extends: eager, over the filled columns -------------------------------
-    def _extend_block(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _extend_block(self, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                      all_positions: bool = False) -> torch.Tensor:
         batch, width = self.colmask_B_C.shape[0], max(len(t) for t in tokens)
         self._reserve(self.width + width)
         ids_B_M = torch.full((batch, width), self.pad_id, dtype=torch.long)
@@ -228,10 +230,13 @@ class StaticKVDecoder:
         mask = additive_mask(self.colmask_B_C[:, None, :end] & causal_M_C[None], self.dtype)
         for layer in self.cache.layers:
             layer.visible = end
+        keep = {} if all_positions else self._keep_kw
         out = self.model(input_ids=ids_B_M.to(self.device), attention_mask=mask, position_ids=pos_B_M.to(self.device),
-                         use_cache=True, **{self._kw: self.cache}, **self._keep_kw)
+                         use_cache=True, **{self._kw: self.cache}, **keep)
         self.cursor_1.add_(width)
         self.width = end
+        if all_positions:
+            return block_positions(out.logits, rows, tokens)
         return out.logits[list(rows), -1]
 
     # ---- single-token steps: one fixed-shape forward, captured on CUDA ----------------------

@@ -8,7 +8,8 @@ Layout of a batch (B rows, prompts left-padded to width P):
 Position p of the student's logits predicts column p+1, so the loss positions of a row are
 P-1 .. P+n-2 (`loss_mask_B_T`), and `targets` holds the teacher's top-k at exactly those
 positions: the one the behavior sampled from when the teacher was asked during the rollout
-(trb-method §6), or one `/v1/score` call per batch afterwards for pure-student rollouts.
+(trb-method §6), or for pure-student rollouts the teacher's answers to chunks of the response sent
+while it is sampled (streamed_targets.py), else one `/v1/score` call per batch afterwards.
 
 Each step's teacher `extend` is sent before the student's forward for the same new tokens runs,
 so the teacher's latency hides behind student compute (docs/performance.md, target 4).
@@ -26,6 +27,7 @@ import torch
 from shared.static_decode import make_decoder
 from student_trainer.behaviors import Behavior, StepDiagnostics
 from student_trainer.row_generators import Generator, rows_of
+from student_trainer.streamed_targets import TargetStream
 from student_trainer.teacher_client import TeacherClient
 from student_trainer.topk import TeacherTopK, scored_logprob_of
 
@@ -75,7 +77,8 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior: Behavior, eps: float,
                    teacher: TeacherClient | None, top_k: int, max_new_tokens: int, eos_id: int, pad_id: int,
-                   generator: Generator, overlap: bool = True, decoder: str = "auto") -> Rollout:
+                   generator: Generator, overlap: bool = True, decoder: str = "auto",
+                   stream_chunk: int = 0) -> Rollout:
     """Sample one response per prompt under `behavior` at budget `eps`.
 
     `generator` is one stream for the batch, or a `RowGenerators` with one stream per prompt (rows
@@ -84,6 +87,9 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     With `overlap`, each step's teacher request goes out before the student's forward runs, so the
     server computes while the student does; the student runs inline (no worker thread), because
     the tiny forward and the HTTP client would otherwise take turns on the GIL.
+
+    A behavior that needs no teacher gets its targets through a `TargetStream`, `stream_chunk`
+    tokens at a time, while it samples (0: no targets here; the caller scores afterwards).
     """
     use_teacher = behavior.needs_teacher(eps)
     if use_teacher and teacher is None:
@@ -91,8 +97,13 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     batch = len(prompts)
     decoder = make_decoder(student, pad_id, capacity=max(map(len, prompts)) + max_new_tokens, kind=decoder)
     session_task = await _send(teacher.open_session(prompts, top_k), overlap) if use_teacher else None
+    stream = None
+    if not use_teacher and teacher is not None and stream_chunk > 0 and teacher.stream_targets:
+        stream = TargetStream(teacher, batch, max_new_tokens, top_k, lambda request: _send(request, overlap))
+    opening = await stream.open(prompts) if stream else None
     logits_A_V = decoder.prefill(prompts)
     session = await session_task if session_task else None
+    streamed = None
     topk_A = session.first if session else None
 
     new_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
@@ -103,6 +114,8 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     active = torch.arange(batch)
     diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = []
     try:
+        if stream is not None:
+            await stream.opened(opening)
         for t in range(max_new_tokens):
             # The student may sit on a GPU; teacher targets and the rollout's buffers stay on the CPU.
             topk_dev = topk_A.to(logits_A_V.device) if topk_A is not None else None
@@ -120,12 +133,19 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
                 break
             rows, toks = active.tolist(), [[x] for x in tokens_A.tolist()]
             pending = await _send(session.extend(toks, rows), overlap) if session is not None else None
+            if stream is not None:
+                stream.add(rows, toks)
+                if (t + 1) % stream_chunk == 0:
+                    await stream.flush()
             logits_A_V = decoder.extend(rows, toks)
             if pending is not None:
                 topk_A = await pending
+        streamed = await stream.finish() if stream is not None else None
     finally:
         if session is not None:
             await session.close()
+        if stream is not None:
+            await stream.close()
 
     width = int(lengths.max())
     prompt_ids, prompt_mask = _left_pad(prompts, pad_id)
@@ -140,6 +160,9 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     if use_teacher:
         rollout.targets = _place(target_ids[:, :width], target_lps[:, :width], target_tail[:, :width], p,
                                  tokens.shape[1])
+    elif streamed is not None:
+        rollout.targets = _place(streamed.ids[:, :width], streamed.logprobs[:, :width],
+                                 streamed.tail_logprob[:, :width], p, tokens.shape[1])
     return rollout
 
 

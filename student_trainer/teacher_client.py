@@ -120,6 +120,7 @@ class TeacherClient:
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.url = ", ".join(r.url for r in self.replicas)
         self._fingerprint: str | None = None  # the student's, once check_tokenizer has passed
+        self.stream_targets = True  # False once a server refused a streamed-targets session (streamed_targets.py)
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -341,21 +342,30 @@ class TeacherSession:
         self.first = _topk(step.top_ids, step.top_logprobs, step.tail_logprob)
         return self.first
 
-    async def extend(self, tokens: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> TeacherTopK:
-        """Append tokens to `rows` (default all) and return those rows' next-token top-k, in order."""
+    async def extend(self, tokens: Sequence[Sequence[int]], rows: Sequence[int] | None = None,
+                     all_positions: bool = False) -> TeacherTopK:
+        """Append tokens to `rows` (default all) and return those rows' next-token top-k, in order;
+        with `all_positions`, the top-k after every new token, row by row (Σ len(tokens[i]) entries)."""
         rows = list(range(len(self.prefixes))) if rows is None else list(rows)
         tokens = [list(map(int, t)) for t in tokens]
-        req = SessionExtendRequest(tokens=tokens, rows=rows)
+        req = SessionExtendRequest(tokens=tokens, rows=rows, all_positions=all_positions)
+        starts = [len(self.prefixes[r]) for r in rows]
         for row, toks in zip(rows, tokens, strict=True):
             self.prefixes[row].extend(toks)
+        entries = sum(map(len, tokens)) if all_positions else len(rows)
         try:
             step, _ = await self.client._session_call(f"/v1/sessions/{self.session_id}/extend", req, self.replica)
-            if step.lengths == [len(self.prefixes[r]) for r in rows]:
+            if step.lengths == [len(self.prefixes[r]) for r in rows] and len(step.tail_logprob) == entries:
                 return _topk(step.top_ids, step.top_logprobs, step.tail_logprob)
         except TeacherError as exc:
             if exc.status is not None and exc.code != ErrorCode.SESSION_NOT_FOUND:
                 raise
         self.rebuilds += 1  # lost, expired, its replica gone, or out of step: start again from the prefixes
+        if all_positions:  # those positions from /v1/score, then a fresh session for the steps to come
+            scored = await self.client.score([self.prefixes[r] for r in rows], start=starts, top_k=self.top_k)
+            await self.open()
+            return TeacherTopK(torch.cat([s.topk.ids for s in scored]), torch.cat([s.topk.logprobs for s in scored]),
+                               torch.cat([s.topk.tail() for s in scored]))
         full = await self.open()
         index = torch.tensor(rows, dtype=torch.long)
         return TeacherTopK(full.ids[index], full.logprobs[index], full.tail_logprob[index])

@@ -133,7 +133,7 @@ async def _rollout(run: Run, problems: list, rows: range, behavior: Behavior, ep
     policy.eval()
     rollout = await generate(policy, prompts, behavior, eps, run.teacher, cfg.teacher.top_k,
                              cfg.train.max_new_tokens, tok.eos_token_id, tok.pad_token_id, generator,
-                             decoder=cfg.student.decoder)
+                             decoder=cfg.student.decoder, stream_chunk=cfg.teacher.stream_chunk_tokens)
     if rollout.targets is None:
         rollout.targets = await score_targets(rollout, run.teacher, cfg.teacher.top_k, tok.pad_token_id)
     return rollout

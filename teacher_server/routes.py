@@ -119,8 +119,8 @@ async def extend_session(session_id: str, request: Request) -> Response:
                            f"tokens.{i}: row {row} would exceed the max context {info.max_context}", f"tokens.{i}")
     client, tokens = client_of(request), sum(len(t) for t in req.tokens)
     try:
-        step = await run_queued(server, server.scheduler.call(
-            client, lambda: server.backend.extend_session(state, rows, req.tokens, session.top_k), tokens))
+        step = await run_queued(server, server.scheduler.extend_session(
+            client, state, rows, req.tokens, session.top_k, req.all_positions))
     except SessionLost as exc:  # the model worker restarted since this session opened
         server.sessions.discard(session_id)
         raise _not_found(session_id) from exc

@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import Backend, SessionState, StepArrays
 from teacher_server.quarantine import Quarantine, Quarantined, fingerprint
@@ -131,6 +133,32 @@ class FairScheduler:
             ended = [i for i, r in enumerate(rows) if len(sequences[r]) <= offset + width]
             _fill(answer, [rows[i] for i in ended], step, ended)
         return state, answer
+
+    async def extend_session(self, client: str, state: SessionState, rows: list[int], tokens: list[list[int]],
+                             top_k: int, all_positions: bool = False) -> StepArrays:
+        """A session step; one that returns every position and is over the token budget runs as
+        several forwards of at most the budget, columns at a time, as a long prefill does (it also
+        bounds the [tokens x vocab] logits a forward holds). Answers keep the order of a single call."""
+        backend, total = self.backend, sum(map(len, tokens))
+        if not all_positions or total <= self.max_batch_tokens or not backend.info.kv_sessions:
+            return await self.call(
+                client, lambda: backend.extend_session(state, rows, tokens, top_k, all_positions), total)
+        width = max(1, self.max_batch_tokens // len(rows))
+        pieces: list[list[StepArrays]] = [[] for _ in rows]
+        for offset in range(0, max(map(len, tokens)), width):
+            live = [i for i, t in enumerate(tokens) if len(t) > offset]
+            part = [tokens[i][offset : offset + width] for i in live]
+            step = await self.call(
+                client, lambda live=live, part=part: backend.extend_session(
+                    state, [rows[i] for i in live], part, top_k, True), sum(map(len, part)))
+            at = 0
+            for i, toks in zip(live, part, strict=True):
+                pieces[i].append(StepArrays(step.top_ids[at : at + len(toks)], step.top_logprobs[at : at + len(toks)],
+                                            step.tail_logprob[at : at + len(toks)]))
+                at += len(toks)
+        flat = [p for row in pieces for p in row]
+        return StepArrays(np.concatenate([p.top_ids for p in flat]), np.concatenate([p.top_logprobs for p in flat]),
+                          np.concatenate([p.tail_logprob for p in flat]))
 
     async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1, fingerprint: str = "") -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""

@@ -222,10 +222,10 @@ class ProcessBackend(Backend):
         return RemoteSession(self, sid, self.generation, lengths, nbytes), step
 
     def extend_session(self, state: RemoteSession, rows: list[int],  # type: ignore[override]
-                       tokens: list[list[int]], top_k: int) -> StepArrays:
+                       tokens: list[list[int]], top_k: int, all_positions: bool = False) -> StepArrays:
         if state.generation != self.generation:
             raise SessionLost(state.sid)
-        state.lengths, state._nbytes, step = self._call("extend", state.sid, rows, tokens, top_k,
+        state.lengths, state._nbytes, step = self._call("extend", state.sid, rows, tokens, top_k, all_positions,
                                                         tokens=sum(map(len, tokens)))
         return step
 
@@ -279,10 +279,10 @@ def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
                 sessions[sid] = state
                 result = (list(state.lengths), state.nbytes, step)
             elif op == "extend":
-                sid, rows, tokens, top_k = args
+                sid, rows, tokens, top_k, all_positions = args
                 if (state := sessions.get(sid)) is None:
                     raise SessionLost(sid)
-                step = backend.extend_session(state, rows, tokens, top_k)
+                step = backend.extend_session(state, rows, tokens, top_k, all_positions)
                 result = (list(state.lengths), state.nbytes, step)
             else:
                 raise ValueError(f"unknown worker op {op!r}")

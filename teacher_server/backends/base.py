@@ -33,7 +33,7 @@ class BackendInfo:
 
 @dataclass
 class StepArrays:
-    """Next-token top-k for some rows of a session (float32)."""
+    """Next-token top-k for some rows of a session (float32): one entry per row, or per new token."""
 
     top_ids: np.ndarray  # (R, k) int32
     top_logprobs: np.ndarray  # (R, k)
@@ -71,9 +71,11 @@ class Backend(ABC):
 
     @abstractmethod
     def extend_session(
-        self, state: SessionState, rows: list[int], tokens: list[list[int]], top_k: int
+        self, state: SessionState, rows: list[int], tokens: list[list[int]], top_k: int,
+        all_positions: bool = False,
     ) -> StepArrays:
-        """Append tokens to the listed rows and return their next-token top-k."""
+        """Append tokens to the listed rows and return their next-token top-k (with `all_positions`:
+        after every new token, row by row)."""
 
     @property
     def ready(self) -> bool:

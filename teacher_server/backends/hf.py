@@ -126,8 +126,9 @@ class HFBackend(Backend):
         session = HFSession(make_decoder(self.model, self.pad_id, kind=self.decoder))
         return session, self._top(session.decoder.prefill(sequences), top_k)
 
-    def extend_session(self, state: HFSession, rows: list[int], tokens: list[list[int]], top_k: int) -> StepArrays:
-        return self._top(state.decoder.extend(rows, tokens), top_k)
+    def extend_session(self, state: HFSession, rows: list[int], tokens: list[list[int]], top_k: int,
+                       all_positions: bool = False) -> StepArrays:
+        return self._top(state.decoder.extend(rows, tokens, all_positions), top_k)
 
     @staticmethod
     def _top(logits_R_V: torch.Tensor, top_k: int) -> StepArrays:

@@ -201,9 +201,13 @@ class SGLangBackend(Backend):
         return SGLangSession(prefixes), self._last(prefixes, top_k)
 
     def extend_session(self, state: SGLangSession, rows: list[int], tokens: list[list[int]],
-                       top_k: int) -> StepArrays:
+                       top_k: int, all_positions: bool = False) -> StepArrays:
         grown = [state.prefixes[r] + list(t) for r, t in zip(rows, tokens, strict=True)]
-        step = self._last(grown, top_k)
+        if all_positions:  # positions old length .. L-1: the distributions after each new token
+            starts = [len(state.prefixes[r]) for r in rows]
+            step = _stacked(self._scores(list(zip(grown, starts, strict=True)), top_k, None))
+        else:
+            step = self._last(grown, top_k)
         for r, prefix in zip(rows, grown, strict=True):  # only once SGLang has answered
             state.prefixes[r] = prefix
         return step
@@ -214,10 +218,14 @@ class SGLangBackend(Backend):
         That returns only the null input entry plus output_top_logprobs[0]; and as radix-cache reuse is
         capped at the start, up to L - 1 tokens are reused: everything the previous step sent.
         """
-        res = self._scores([(seq, len(seq) - 1) for seq in seqs], top_k, None)
-        return StepArrays(top_ids=np.concatenate([r.top_ids for r in res]),
-                          top_logprobs=np.concatenate([r.top_logprobs for r in res]),
-                          tail_logprob=np.concatenate([r.tail_logprob for r in res]))
+        return _stacked(self._scores([(seq, len(seq) - 1) for seq in seqs], top_k, None))
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _stacked(scores: list[SequenceScores]) -> StepArrays:
+    """Every position of `scores`, sequence after sequence, as one session step."""
+    return StepArrays(top_ids=np.concatenate([r.top_ids for r in scores]),
+                      top_logprobs=np.concatenate([r.top_logprobs for r in scores]),
+                      tail_logprob=np.concatenate([r.tail_logprob for r in scores]))

@@ -144,7 +144,7 @@ class VLLMBackend(Backend):
         raise UnsupportedRequest(SESSIONS_REFUSED)  # limits.py answers the 422 before this is reached
 
     def extend_session(self, state: SessionState, rows: list[int], tokens: list[list[int]],
-                       top_k: int) -> StepArrays:
+                       top_k: int, all_positions: bool = False) -> StepArrays:
         raise UnsupportedRequest(SESSIONS_REFUSED)
 
     def close(self) -> None:

@@ -71,6 +71,30 @@ def test_static_logits_equal_eager_decoder(name, tiny_model):
     assert sized.capacity == 64 and growing.capacity > 16
 
 
+@pytest.mark.parametrize("kind", ["eager", "static", "qwen3"])
+def test_all_positions_extend_equals_a_full_forward(kind):
+    """`extend(..., all_positions=True)`: the logits after every new token, row by row, as a forward
+    over each whole sequence gives them (float32, 1e-5); rows left out and ragged chunks included."""
+    model = _random_qwen3()
+    decoder = make_decoder(model, capacity=9 + 16, kind=kind)
+    prompts = _prompts(97)
+    decoder.prefill(prompts)
+    seqs = [list(p) for p in prompts]
+    gen = torch.Generator().manual_seed(2)
+    for rows, lengths in (([0, 1, 2, 3], (3, 3, 3, 3)), ([3, 1], (4, 1)), ([2, 0, 3], (2, 5, 1))):
+        toks = [torch.randint(4, 97, (n,), generator=gen).tolist() for n in lengths]
+        got = decoder.extend(rows, toks, all_positions=True)
+        want = []
+        for row, new in zip(rows, toks, strict=True):
+            seqs[row] += new
+            with torch.no_grad():
+                logits = model(torch.tensor([seqs[row]])).logits[0]
+            want.append(logits[-len(new):])  # the positions of the new tokens
+        assert got.shape == (sum(lengths), 97)
+        assert (got - torch.cat(want)).abs().max().item() < TOL
+
+
+
 def test_single_token_step_keeps_fixed_addresses(tiny_model):
     """What a CUDA graph needs: the step writes into the same input, mask, cursor and cache tensors each
     time and only reads the cursor from the device (the CPU runs the very body that CUDA captures)."""

@@ -206,6 +206,29 @@ async def test_long_prefill_runs_in_budget_sized_forwards_with_the_same_answers(
         np.testing.assert_allclose(a.tail_logprob, b.tail_logprob, atol=1e-5)
 
 
+async def test_all_positions_extend_runs_in_budget_sized_forwards_with_the_same_answers(
+        backend: CountingBackend) -> None:
+    """Over the budget, an extend that returns every position runs columns at a time; the entries
+    keep a single call's order (row by row)."""
+    prompts = [[1, 4], [1, 5, 6, 7], [2]]
+    rows, tokens = [2, 0, 1], [[8, 9, 10, 11, 12], [13], [14, 15, 16]]
+    answers = {}
+    for budget in (10_000, 6):  # one forward; then 2 columns (6 // 3 rows) per forward
+        scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=budget)
+        scheduler.start()
+        state, _ = await scheduler.open_session("c", prompts, top_k=5)
+        before = scheduler._batches
+        step = await scheduler.extend_session("c", state, rows, tokens, 5, all_positions=True)
+        await scheduler.stop()
+        answers[budget] = (step, list(state.lengths), scheduler._batches - before)
+    (whole, whole_len, one), (split, split_len, many) = answers.values()
+    assert (one, many) == (1, 3) and whole_len == split_len == [3, 7, 6]
+    assert whole.top_ids.shape == (9, 5)
+    assert np.array_equal(whole.top_ids, split.top_ids)
+    np.testing.assert_allclose(whole.top_logprobs, split.top_logprobs, atol=1e-5)
+    np.testing.assert_allclose(whole.tail_logprob, split.tail_logprob, atol=1e-5)
+
+
 def test_token_budget_defaults_to_small_forwards_only_for_a_cpu_model() -> None:
     from teacher_server.settings import ServerSettings
 

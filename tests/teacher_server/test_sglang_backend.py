@@ -196,6 +196,32 @@ def test_sessions_match_hf(sglang_teacher: ServerProcess, teacher: ServerProcess
     assert max(new_tokens) <= 3 and all(r["logprob_start_len"] == r["prompt_tokens"] - 1 for r in extends)
 
 
+def test_all_positions_sessions_match_hf(sglang_teacher: ServerProcess, teacher: ServerProcess,
+                                        fake: FakeSGLang) -> None:
+    """Streamed targets: the top-k after every new token, rows in order, each call reusing the prefix
+    sent before (logprob_start_len = the old length, so SGLang's radix cache serves all of it)."""
+    prompts = [[1, 5, 6], [2, 7, 8, 9], [3]]
+    ids, seen = [], len(fake.requests())
+    for server in (sglang_teacher, teacher):
+        resp = post(server.url, "/v1/sessions", {"sequences": prompts, "top_k": 5})
+        ids.append(codec.decode(resp.content, SessionStep).session_id)
+    rng, worst = np.random.default_rng(4), 0.0
+    for t in range(4):
+        rows = [2, 0] if t < 3 else [1]
+        body = {"tokens": [[int(x) for x in rng.integers(4, 45, size=1 + (t + r) % 4)] for r in rows], "rows": rows,
+                "all_positions": True}
+        a, b = (codec.decode(post(s.url, f"/v1/sessions/{sid}/extend", body).content, SessionStep)
+                for s, sid in zip((sglang_teacher, teacher), ids, strict=True))
+        assert a.rows == b.rows == rows and a.lengths == b.lengths
+        assert len(a.top_ids) == len(b.top_ids) == sum(map(len, body["tokens"]))
+        assert np.array_equal(a.top_ids, b.top_ids)
+        worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()),
+                    float(np.abs(a.tail_logprob - b.tail_logprob).max()))
+    assert worst <= TOL, f"max |Δ| between sglang and hf all-position extends = {worst}"
+    extends = fake.requests()[seen + len(prompts):]
+    assert all(r["prompt_tokens"] - r["cached_tokens"] <= 4 for r in extends)
+
+
 def test_full_is_refused_naming_the_limit(sglang_teacher: ServerProcess) -> None:
     resp = post(sglang_teacher.url, "/v1/score", {"sequences": [[1, 2, 3]], "full": True})
     assert resp.status_code == 422, resp.text

@@ -1,0 +1,115 @@
+"""The teacher's targets for a student-only rollout (OPD, TRB at ε = 0), fetched while it is sampled.
+
+Why: such a rollout needs the teacher at every response position, but not before the update. One
+`/v1/score` call after sampling makes the step wait for a teacher forward over every response
+token. Sent through a session instead, `chunk` tokens at a time (`SessionExtendRequest.all_positions`),
+the teacher scores chunk c while the student samples chunk c+1, on another core, GPU or machine, and
+the step waits only for the last chunk. The targets are the same distributions (the teacher's
+KV-cached forward instead of a full one: equal to float rounding).
+
+A row's token is sent once the row samples another one after it: the distribution after a row's last
+token (its EOS, or the last step) is never a target. Chunks of one session go out one at a time, in
+order. If the server refuses (an older server, or a backend without sessions), `failed` is set, the
+rollout's targets come from `/v1/score` as before, and a 422 turns streaming off for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import torch
+
+from shared.protocol import ErrorCode
+from student_trainer.teacher_client import TeacherClient, TeacherError, TeacherSession
+from student_trainer.topk import TeacherTopK
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[Coroutine[Any, Any, Any]], Awaitable[asyncio.Future]]
+
+
+class TargetStream:
+    """Per-row targets (B, N, K) of a rollout of at most N new tokens, filled chunk by chunk."""
+
+    def __init__(self, client: TeacherClient, batch: int, max_new_tokens: int, top_k: int, send: Send) -> None:
+        self.client, self.top_k, self._send = client, top_k, send
+        self.ids = torch.zeros((batch, max_new_tokens, top_k), dtype=torch.long)
+        self.logprobs = torch.zeros((batch, max_new_tokens, top_k))
+        self.tail = torch.zeros((batch, max_new_tokens))
+        self.session: TeacherSession | None = None
+        self.failed = False
+        self._unsent: list[list[int]] = [[] for _ in range(batch)]
+        self._sent = [0] * batch  # a row's tokens already sent: its next entry is target sent + 1
+        self._pending: tuple[asyncio.Future, list[int], list[int], list[int]] | None = None  # answer, rows, n, offset
+
+    async def open(self, prompts: list[list[int]]) -> asyncio.Future | None:
+        """Start the session (the targets of every row's first token); returns the request in flight."""
+        return await self._guard(self._send(self.client.open_session(prompts, self.top_k)))
+
+    async def opened(self, request: asyncio.Future | None) -> None:
+        if request is not None and (session := await self._guard(request)) is not None:
+            self.session, first = session, session.first
+            self.ids[:, 0], self.logprobs[:, 0], self.tail[:, 0] = first.ids, first.logprobs, first.tail()
+
+    def add(self, rows: list[int], tokens: list[list[int]]) -> None:
+        """Tokens just sampled by `rows` that will be followed by another token of theirs."""
+        for row, toks in zip(rows, tokens, strict=True):
+            self._unsent[row] += toks
+
+    async def flush(self) -> None:
+        """Collect the previous chunk's answer, then send the tokens gathered since."""
+        await self._collect()
+        rows = [r for r, toks in enumerate(self._unsent) if toks]
+        if self.failed or self.session is None or not rows:
+            return
+        tokens = [self._unsent[r] for r in rows]
+        offsets = [self._sent[r] for r in rows]
+        for r, toks in zip(rows, tokens, strict=True):
+            self._sent[r] += len(toks)
+            self._unsent[r] = []
+        request = await self._guard(self._send(self.session.extend(tokens, rows, all_positions=True)))
+        if request is not None:
+            self._pending = (request, rows, [len(t) for t in tokens], offsets)
+
+    async def finish(self) -> TeacherTopK | None:
+        """Send what is left and wait for every answer; the (B, N, K) targets, or None if it failed."""
+        await self.flush()
+        await self._collect()
+        return None if self.failed else TeacherTopK(self.ids, self.logprobs, self.tail)
+
+    async def close(self) -> None:
+        if self._pending is not None:  # an error ended the rollout: let the chunk in flight land first
+            await asyncio.gather(self._pending[0], return_exceptions=True)
+            self._pending = None
+        if self.session is not None:
+            await self.session.close()
+
+    async def _collect(self) -> None:
+        if self._pending is None:
+            return
+        request, rows, counts, offsets = self._pending
+        self._pending = None
+        answer = await self._guard(request)
+        if answer is None:
+            return
+        at = 0
+        for row, n, offset in zip(rows, counts, offsets, strict=True):
+            where = slice(offset + 1, offset + 1 + n)  # the entry after token j is the target of token j + 1
+            self.ids[row, where], self.logprobs[row, where] = answer.ids[at : at + n], answer.logprobs[at : at + n]
+            self.tail[row, where] = answer.tail()[at : at + n]
+            at += n
+
+    async def _guard(self, request: Awaitable[Any]) -> Any:
+        """`await request`, or None once the stream has failed (the rollout then scores afterwards)."""
+        try:
+            result = await request
+        except TeacherError as exc:
+            if not self.failed and exc.status == 422 and exc.code == ErrorCode.INVALID_REQUEST:
+                self.client.stream_targets = False
+                log.warning("the teacher refused a streamed-targets session (%s); rollouts score their targets "
+                            "after sampling from now on", exc)
+            self.failed, result = True, None
+        return None if self.failed else result

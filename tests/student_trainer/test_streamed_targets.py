@@ -1,0 +1,99 @@
+"""Student-only rollouts get their teacher targets while they sample (streamed_targets.py): the same
+tokens as without streaming, the same targets as one /v1/score of the finished batch, and a fall back
+to that call when the session is lost or refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO
+from student_trainer.behaviors import make_behavior
+from student_trainer.rollout import Rollout, generate, score_targets
+from student_trainer.row_generators import RowGenerators
+from student_trainer.teacher_client import TeacherClient
+
+K, MAX_NEW = 8, 12
+STUDENT = REPO / "models" / "arith-student"
+PROMPTS = ["12+34\n", "7*8-5\n", "3+4*2+9\n", "5\n", "81-9*3\n"]
+
+
+async def _rollout(client: TeacherClient, chunk: int) -> Rollout:
+    """The shipped student (it stops after its answer, so rows end at different steps) against the
+    random task teacher (same tokenizer)."""
+    student = AutoModelForCausalLM.from_pretrained(STUDENT).eval()
+    tok = AutoTokenizer.from_pretrained(STUDENT)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    return await generate(student, prompts, make_behavior("opd"), 0.0, client, K, MAX_NEW, tok.eos_token_id,
+                          tok.pad_token_id, RowGenerators.seeded(0, 3, range(len(prompts))), stream_chunk=chunk)
+
+
+def _assert_same_targets(rollout: Rollout, scored) -> None:  # noqa: ANN001 - TeacherTopK
+    m = rollout.loss_mask_B_T
+    assert torch.equal(rollout.targets.ids[m], scored.ids[m])
+    assert torch.allclose(rollout.targets.logprobs[m], scored.logprobs[m], atol=1e-5)
+    assert torch.allclose(rollout.targets.tail_logprob[m], scored.tail_logprob[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 32])
+def test_streamed_targets_equal_scoring_the_finished_batch(task_teacher, chunk) -> None:
+    async def main() -> tuple[Rollout, Rollout, object]:
+        async with TeacherClient(task_teacher.url) as client:
+            plain = await _rollout(client, chunk=0)
+            streamed = await _rollout(client, chunk=chunk)
+            return plain, streamed, await score_targets(streamed, client, K, 0)
+
+    plain, streamed, scored = asyncio.run(main())
+    assert plain.targets is None  # chunk 0: the caller scores afterwards
+    assert torch.equal(plain.tokens_B_T, streamed.tokens_B_T)  # the teacher never changes an OPD token
+    lengths = streamed.response_lens_B.tolist()
+    assert len(set(lengths)) > 1 and min(lengths) < MAX_NEW  # rows that stop early and at different steps
+    _assert_same_targets(streamed, scored)
+
+
+def test_a_session_lost_mid_stream_is_rebuilt_from_scoring(task_teacher) -> None:
+    """The server forgets the session (deleted here; expired or restarted in life): the chunk's targets
+    come from /v1/score and a new session carries the rest of the rollout."""
+
+    class Forgetful(TeacherClient):
+        async def _session_call(self, path, body, replica=None):  # noqa: ANN001, ANN202
+            if path.endswith("/extend") and not self.forgot:
+                self.forgot = True
+                httpx.delete(f"{task_teacher.url}/v1/sessions/{path.split('/')[3]}")
+            return await super()._session_call(path, body, replica)
+
+    async def main() -> tuple[Rollout, object, bool]:
+        async with Forgetful(task_teacher.url) as client:
+            client.forgot = False
+            rollout = await _rollout(client, chunk=3)
+            return rollout, await score_targets(rollout, client, K, 0), client.forgot
+
+    rollout, scored, forgot = asyncio.run(main())
+    assert forgot and rollout.teacher_rebuilds == 0  # rebuilt inside the stream; not a TRB session rebuild
+    _assert_same_targets(rollout, scored)
+
+
+def test_a_server_that_refuses_streaming_is_scored_after_sampling(task_teacher) -> None:
+    """A server from before `all_positions` answers 422 to the field it does not know (requests forbid
+    unknown fields); this server answers an unknown field the same way. The rollout then has no targets
+    (the trainer scores it), and the client stops trying."""
+
+    class OlderServer(TeacherClient):
+        async def _session_call(self, path, body, replica=None):  # noqa: ANN001, ANN202
+            if path.endswith("/extend"):
+                body = {**body.model_dump(exclude={"all_positions"}), "all_positions_v2": True}
+                resp = await self.replicas[0].http.post(path, json=body)
+                raise self._error(resp)
+            return await super()._session_call(path, body, replica)
+
+    async def main() -> tuple[Rollout, bool]:
+        async with OlderServer(task_teacher.url) as client:
+            rollout = await _rollout(client, chunk=3)
+            return rollout, client.stream_targets
+
+    rollout, streaming = asyncio.run(main())
+    assert rollout.targets is None and not streaming
