@@ -1,7 +1,7 @@
 """Target 5: one OPD training step vs one step of TRL's `DistillationTrainer` (reverse KL, on-policy).
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'   # TRL >= 1.10; -c keeps torch as installed
-    .venv/bin/python -m bench.bench_step_vs_trl [--decoder eager]   # eager: the student's generic decoder
+    .venv/bin/python -m bench.bench_step_vs_trl [--decoder eager] [--stream-chunk 0]   # the steps before
 
 Both sides do the same work per step: the student samples `max_new` tokens for each of `batch`
 arithmetic prompts (plain sampling at temperature 1; EOS disabled on both sides, so every response
@@ -10,8 +10,10 @@ has exactly that length), the teacher scores every response position, and one Ad
 over the same batch x max_new tokens.
 
 - OPD: `student_trainer.train.train_step` as shipped: KV-cache rollout (`student.decoder` auto: the
-  hand-written Qwen3 step on a CPU; `--decoder eager`: transformers' forward), one `/v1/score` call
-  to a teacher server subprocess on 127.0.0.1 (msgpack, top-20), the top-k reverse KL, AdamW.
+  hand-written Qwen3 step on a CPU; `--decoder eager`: transformers' forward) whose teacher targets
+  are streamed from a teacher server subprocess on 127.0.0.1 (msgpack, top-20) while it samples
+  (`teacher.stream_chunk_tokens`; `--stream-chunk 0`: one `/v1/score` call after sampling), the top-k
+  reverse KL, AdamW.
 - TRL: `trl.DistillationTrainer`, stable and top-level since TRL 1.10 (it replaced the
   experimental GKDTrainer that this bench used before). What it does per step, read in TRL 1.16.0:
   - `trainer/distillation_config.py`: no `lmbda`: every step is on-policy (the trainer generates
@@ -95,9 +97,11 @@ def _student(path: Path) -> torch.nn.Module:
 
 # ---- OPD ---------------------------------------------------------------------------------------
 def opd_run(student: Path, client: TeacherClient, url: str, batch: int, max_new: int, threads: int,
-            decoder: str = "auto") -> Run:
+            decoder: str = "auto", stream_chunk: int | None = None) -> Run:
     """A `Run` as `train()` builds it, method opd, without the eval / checkpoint machinery."""
-    cfg = Config(student=StudentCfg(path=str(student), decoder=decoder), teacher=TeacherCfg(url=url, top_k=TOP_K),
+    stream = {} if stream_chunk is None else {"stream_chunk_tokens": stream_chunk}
+    cfg = Config(student=StudentCfg(path=str(student), decoder=decoder),
+                 teacher=TeacherCfg(url=url, top_k=TOP_K, **stream),
                  method=MethodCfg(name="opd"), optim=OptimCfg(lr=LR, grad_clip=CLIP),
                  train=TrainCfg(batch_size=batch, max_new_tokens=max_new, threads=threads, progress=False))
     model = _student(student)
@@ -204,7 +208,8 @@ def _figure(t: Times, what: str) -> str:
     return f"{spread(t.wall)}; {median(t.cpu) * 1e3:.0f} ms CPU ({what})"
 
 
-def run(threads: int = 1, quick: bool = False, batch: int = 32, max_new: int = 96, decoder: str = "auto") -> Section:
+def run(threads: int = 1, quick: bool = False, batch: int = 32, max_new: int = 96, decoder: str = "auto",
+        stream_chunk: int | None = None) -> Section:
     limit_threads(threads)
     student, s_prov = tiny_model("student")
     teacher, t_prov = tiny_model("teacher")
@@ -214,7 +219,7 @@ def run(threads: int = 1, quick: bool = False, batch: int = 32, max_new: int = 9
     opd, trl = Times(), Times()
     with teacher_server(teacher, threads) as server, asyncio.Runner() as loop:
         client = TeacherClient(server.url)
-        opd_state = opd_run(student, client, server.url, batch, max_new, threads, decoder)
+        opd_state = opd_run(student, client, server.url, batch, max_new, threads, decoder, stream_chunk)
         opd_block(opd_state, loop, 1, server.proc.pid)  # warm-up
         for _ in range(blocks):
             for mine, block in ((opd, opd_block(opd_state, loop, steps, server.proc.pid)),
@@ -230,7 +235,8 @@ def run(threads: int = 1, quick: bool = False, batch: int = 32, max_new: int = 9
                       f"{CLIP}, float32. OPD: teacher server over HTTP (top-{TOP_K}); TRL {trl_lib.__version__}: "
                       f"teacher in process (full vocabulary, chunked JSD at beta 1), no gradient checkpointing. "
                       f"{blocks} alternating blocks of {steps} steps each (a fresh TRL trainer per block, its first "
-                      f"step dropped). OPD's student.decoder: {decoder}.")
+                      f"step dropped). OPD's student.decoder: {decoder}; teacher.stream_chunk_tokens: "
+                      f"{opd_state.cfg.teacher.stream_chunk_tokens}.")
     section.add("OPD train_step (rollout + /v1/score + update)", _figure(opd, "client + server + its model process"))
     section.add("TRL DistillationTrainer step (generate + teacher forward + update)", _figure(trl, "one process"))
     section.add("OPD step / TRL step", "", median(opd.wall) / median(trl.wall), "<= 0.8")
@@ -244,9 +250,11 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--decoder", default="auto", choices=["auto", "eager", "static", "qwen3"],
                     help="OPD's student.decoder (eager: the generic transformers decoder, the step before qwen3)")
+    ap.add_argument("--stream-chunk", type=int, default=None,
+                    help="OPD's teacher.stream_chunk_tokens (default: as shipped; 0: one /v1/score after sampling)")
     args = ap.parse_args()
     info = machine_info(args.threads)
-    print(report([run(args.threads, args.quick, args.batch, args.max_new, args.decoder)], info))
+    print(report([run(args.threads, args.quick, args.batch, args.max_new, args.decoder, args.stream_chunk)], info))
 
 
 if __name__ == "__main__":

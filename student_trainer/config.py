@@ -65,7 +65,7 @@ class TeacherCfg(_Section):
     ready_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait at start for the teacher to load; "
                                    "what is awaited is printed every ~10 s.")
     threads: int | None = Field(None, description="torch threads of the local teacher server.")
-    stream_chunk_tokens: int = Field(32, ge=0, description="Student-only rollouts (opd, trb at eps 0) get their "
+    stream_chunk_tokens: int = Field(16, ge=0, description="Student-only rollouts (opd, trb at eps 0) get their "
                                      "targets through a session, this many tokens at a time while sampling goes on, "
                                      "so the step waits only for the last chunk's scoring; 0: one /v1/score call "
                                      "after sampling.")

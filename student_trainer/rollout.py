@@ -100,7 +100,7 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     stream = None
     if not use_teacher and teacher is not None and stream_chunk > 0 and teacher.stream_targets:
         stream = TargetStream(teacher, batch, max_new_tokens, top_k, lambda request: _send(request, overlap))
-    opening = await stream.open(prompts) if stream else None
+        await stream.open(prompts)
     logits_A_V = decoder.prefill(prompts)
     session = await session_task if session_task else None
     streamed = None
@@ -114,8 +114,6 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     active = torch.arange(batch)
     diagnostics: list[tuple[torch.Tensor, StepDiagnostics]] = []
     try:
-        if stream is not None:
-            await stream.opened(opening)
         for t in range(max_new_tokens):
             # The student may sit on a GPU; teacher targets and the rollout's buffers stay on the CPU.
             topk_dev = topk_A.to(logits_A_V.device) if topk_A is not None else None

@@ -43,13 +43,16 @@ class TargetStream:
         self.failed = False
         self._unsent: list[list[int]] = [[] for _ in range(batch)]
         self._sent = [0] * batch  # a row's tokens already sent: its next entry is target sent + 1
+        self._opening: asyncio.Future | None = None  # the session's prefill, until the first chunk awaits it
         self._pending: tuple[asyncio.Future, list[int], list[int], list[int]] | None = None  # answer, rows, n, offset
 
-    async def open(self, prompts: list[list[int]]) -> asyncio.Future | None:
-        """Start the session (the targets of every row's first token); returns the request in flight."""
-        return await self._guard(self._send(self.client.open_session(prompts, self.top_k)))
+    async def open(self, prompts: list[list[int]]) -> None:
+        """Send the session's prefill (the targets of every row's first token); its answer is awaited
+        by the first chunk, so sampling starts at once."""
+        self._opening = await self._guard(self._send(self.client.open_session(prompts, self.top_k)))
 
-    async def opened(self, request: asyncio.Future | None) -> None:
+    async def _opened(self) -> None:
+        request, self._opening = self._opening, None
         if request is not None and (session := await self._guard(request)) is not None:
             self.session, first = session, session.first
             self.ids[:, 0], self.logprobs[:, 0], self.tail[:, 0] = first.ids, first.logprobs, first.tail()
@@ -60,7 +63,8 @@ class TargetStream:
             self._unsent[row] += toks
 
     async def flush(self) -> None:
-        """Collect the previous chunk's answer, then send the tokens gathered since."""
+        """Collect the previous chunk's answer (or the session), then send the tokens gathered since."""
+        await self._opened()
         await self._collect()
         rows = [r for r, toks in enumerate(self._unsent) if toks]
         if self.failed or self.session is None or not rows:
@@ -81,9 +85,12 @@ class TargetStream:
         return None if self.failed else TeacherTopK(self.ids, self.logprobs, self.tail)
 
     async def close(self) -> None:
-        if self._pending is not None:  # an error ended the rollout: let the chunk in flight land first
-            await asyncio.gather(self._pending[0], return_exceptions=True)
-            self._pending = None
+        """Close the session, after the requests still in flight (an error ended the rollout) land."""
+        in_flight = [f for f in (self._opening, self._pending and self._pending[0]) if f is not None]
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        if self._opening is not None and not self._opening.cancelled() and self._opening.exception() is None:
+            self.session = self._opening.result()
+        self._opening = self._pending = None
         if self.session is not None:
             await self.session.close()
 
