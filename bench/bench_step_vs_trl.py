@@ -237,7 +237,8 @@ def run(threads: int = 1, quick: bool = False, batch: int = 32, max_new: int = 9
                       f"{blocks} alternating blocks of {steps} steps each (a fresh TRL trainer per block, its first "
                       f"step dropped). OPD's student.decoder: {decoder}; teacher.stream_chunk_tokens: "
                       f"{opd_state.cfg.teacher.stream_chunk_tokens}.")
-    section.add("OPD train_step (rollout + /v1/score + update)", _figure(opd, "client + server + its model process"))
+    targets = "/v1/score" if opd_state.cfg.teacher.stream_chunk_tokens == 0 else "targets streamed"
+    section.add(f"OPD train_step (rollout + {targets} + update)", _figure(opd, "client + server + its model process"))
     section.add("TRL DistillationTrainer step (generate + teacher forward + update)", _figure(trl, "one process"))
     section.add("OPD step / TRL step", "", median(opd.wall) / median(trl.wall), "<= 0.8")
     section.add("same, CPU seconds", "", median(opd.cpu) / median(trl.cpu), "(<= 0.8)")
