@@ -154,7 +154,7 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
     loss_mask[:, p - 1 : p - 1 + width] = response_mask
     rollout = Rollout(tokens, attention, loss_mask, p, lengths, diagnostics=_to_host(diagnostics),
-                      teacher_rebuilds=session.rebuilds if session else 0)
+                      teacher_rebuilds=session.rebuilds if session else stream.rebuilds if stream else 0)
     if use_teacher:
         rollout.targets = _place(target_ids[:, :width], target_lps[:, :width], target_tail[:, :width], p,
                                  tokens.shape[1])

@@ -46,6 +46,11 @@ class TargetStream:
         self._opening: asyncio.Future | None = None  # the session's prefill, until the first chunk awaits it
         self._pending: tuple[asyncio.Future, list[int], list[int], list[int]] | None = None  # answer, rows, n, offset
 
+    @property
+    def rebuilds(self) -> int:
+        """Times the session was lost and rebuilt (`TeacherSession.extend`)."""
+        return self.session.rebuilds if self.session is not None else 0
+
     async def open(self, prompts: list[list[int]]) -> None:
         """Send the session's prefill (the targets of every row's first token); its answer is awaited
         by the first chunk, so sampling starts at once."""
@@ -102,11 +107,11 @@ class TargetStream:
         answer = await self._guard(request)
         if answer is None:
             return
-        at = 0
+        at, tail = 0, answer.tail()
         for row, n, offset in zip(rows, counts, offsets, strict=True):
             where = slice(offset + 1, offset + 1 + n)  # the entry after token j is the target of token j + 1
             self.ids[row, where], self.logprobs[row, where] = answer.ids[at : at + n], answer.logprobs[at : at + n]
-            self.tail[row, where] = answer.tail()[at : at + n]
+            self.tail[row, where] = tail[at : at + n]
             at += n
 
     async def _guard(self, request: Awaitable[Any]) -> Any:

@@ -17,9 +17,10 @@ session steps run alone because each owns its KV cache. A request joins a batch 
 most twice the size of the batch's first (least served) request: a small request may ride along
 with a big one, not the reverse, or the light client would pay for the heavy one's tokens. The
 same budget bounds how long the model is held at once: a score request larger than the budget is
-split by sequences into chunks that queue one after another, and a long session prefill runs as
-several forwards (`open_session`), so a light client waits for at most one chunk, never a whole
-heavy request (chunked prefill, as serving engines do for the same reason).
+split by sequences into chunks that queue one after another, and a long session prefill or an
+extend that returns every position runs as several forwards (`open_session`, `extend_session`), so a
+light client waits for at most one chunk, never a whole heavy request (chunked prefill, as serving
+engines do for the same reason).
 
 Each job carries a fingerprint for the poison-request quarantine (`quarantine.py`): a job that was
 in a crash runs alone, and one in two crashes is refused before it is queued.
