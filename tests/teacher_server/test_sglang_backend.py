@@ -171,22 +171,32 @@ def test_top_k_zero_and_no_token_ids(sglang_teacher: ServerProcess, teacher: Ser
         assert np.abs(a.tail_logprob - b.tail_logprob).max() <= TOL  # log(1) = 0: the tail is everything
 
 
+def _sessions(servers: tuple[ServerProcess, ...], prompts: list[list[int]]) -> list[str]:
+    return [codec.decode(post(s.url, "/v1/sessions", {"sequences": prompts, "top_k": 5}).content, SessionStep)
+            .session_id for s in servers]
+
+
+def _extend_both(servers: tuple[ServerProcess, ...], ids: list[str], body: dict) -> float:
+    """The same extend on the SGLang-backed and the HF-backed session: equal ids, rows and lengths;
+    returns the largest logprob difference."""
+    a, b = (codec.decode(post(s.url, f"/v1/sessions/{sid}/extend", body).content, SessionStep)
+            for s, sid in zip(servers, ids, strict=True))
+    entries = sum(map(len, body["tokens"])) if body.get("all_positions") else len(body["rows"])
+    assert a.rows == b.rows == body["rows"] and a.lengths == b.lengths and len(a.top_ids) == len(b.top_ids) == entries
+    assert np.array_equal(a.top_ids, b.top_ids)
+    return max(float(np.abs(a.top_logprobs - b.top_logprobs).max()),
+               float(np.abs(a.tail_logprob - b.tail_logprob).max()))
+
+
 def test_sessions_match_hf(sglang_teacher: ServerProcess, teacher: ServerProcess, fake: FakeSGLang) -> None:
+    servers, seen = (sglang_teacher, teacher), len(fake.requests())
     prompts = [[1, 5, 6], [2, 7, 8, 9]]
-    ids, seen = [], len(fake.requests())
-    for server in (sglang_teacher, teacher):
-        resp = post(server.url, "/v1/sessions", {"sequences": prompts, "top_k": 5})
-        ids.append(codec.decode(resp.content, SessionStep).session_id)
+    ids = _sessions(servers, prompts)
     rng, worst = np.random.default_rng(3), 0.0
     for t in range(20):
         rows = [0, 1] if t < 12 else [1]  # row 0 finishes at step 12
         body = {"tokens": [[int(x) for x in rng.integers(4, 45, size=1 + t % 3)] for _ in rows], "rows": rows}
-        a, b = (codec.decode(post(s.url, f"/v1/sessions/{sid}/extend", body).content, SessionStep)
-                for s, sid in zip((sglang_teacher, teacher), ids, strict=True))
-        assert a.rows == b.rows == rows and a.lengths == b.lengths
-        assert np.array_equal(a.top_ids, b.top_ids)
-        worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()),
-                    float(np.abs(a.tail_logprob - b.tail_logprob).max()))
+        worst = max(worst, _extend_both(servers, ids, body))
     assert worst <= TOL, f"max |Δ| between sglang and hf sessions = {worst}"
     extends = fake.requests()[seen + len(prompts):]
     assert len(extends) == 12 * 2 + 8
@@ -200,23 +210,15 @@ def test_all_positions_sessions_match_hf(sglang_teacher: ServerProcess, teacher:
                                         fake: FakeSGLang) -> None:
     """Streamed targets: the top-k after every new token, rows in order, each call reusing the prefix
     sent before (logprob_start_len = the old length, so SGLang's radix cache serves all of it)."""
+    servers, seen = (sglang_teacher, teacher), len(fake.requests())
     prompts = [[1, 5, 6], [2, 7, 8, 9], [3]]
-    ids, seen = [], len(fake.requests())
-    for server in (sglang_teacher, teacher):
-        resp = post(server.url, "/v1/sessions", {"sequences": prompts, "top_k": 5})
-        ids.append(codec.decode(resp.content, SessionStep).session_id)
+    ids = _sessions(servers, prompts)
     rng, worst = np.random.default_rng(4), 0.0
     for t in range(4):
         rows = [2, 0] if t < 3 else [1]
         body = {"tokens": [[int(x) for x in rng.integers(4, 45, size=1 + (t + r) % 4)] for r in rows], "rows": rows,
                 "all_positions": True}
-        a, b = (codec.decode(post(s.url, f"/v1/sessions/{sid}/extend", body).content, SessionStep)
-                for s, sid in zip((sglang_teacher, teacher), ids, strict=True))
-        assert a.rows == b.rows == rows and a.lengths == b.lengths
-        assert len(a.top_ids) == len(b.top_ids) == sum(map(len, body["tokens"]))
-        assert np.array_equal(a.top_ids, b.top_ids)
-        worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()),
-                    float(np.abs(a.tail_logprob - b.tail_logprob).max()))
+        worst = max(worst, _extend_both(servers, ids, body))
     assert worst <= TOL, f"max |Δ| between sglang and hf all-position extends = {worst}"
     extends = fake.requests()[seen + len(prompts):]
     assert all(r["prompt_tokens"] - r["cached_tokens"] <= 4 for r in extends)
