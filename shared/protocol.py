@@ -188,6 +188,7 @@ class ErrorCode:
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     SESSION_NOT_FOUND = "session_not_found"
     FULL_LOGPROBS_DISABLED = "full_logprobs_disabled"
+    UNSUPPORTED = "unsupported"  # the backend cannot serve this kind of request (vLLM: no sessions)
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"

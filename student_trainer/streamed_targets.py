@@ -9,8 +9,9 @@ KV-cached forward instead of a full one: equal to float rounding).
 
 A row's token is sent once the row samples another one after it: the distribution after a row's last
 token (its EOS, or the last step) is never a target. Chunks of one session go out one at a time, in
-order. If the server refuses (an older server, or a backend without sessions), `failed` is set, the
-rollout's targets come from `/v1/score` as before, and a 422 turns streaming off for the client.
+order. If a request fails, `failed` is set and the rollout's targets come from `/v1/score` as before; a
+refusal (422: a server from before `all_positions`, or the vLLM backend, which has no sessions) also
+turns streaming off for the client.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class TargetStream:
         try:
             result = await request
         except TeacherError as exc:
-            if not self.failed and exc.status == 422 and exc.code == ErrorCode.INVALID_REQUEST:
+            if not self.failed and exc.status == 422 and exc.code in (ErrorCode.INVALID_REQUEST, ErrorCode.UNSUPPORTED):
                 self.client.stream_targets = False
                 log.warning("the teacher refused a streamed-targets session (%s); rollouts score their targets "
                             "after sampling from now on", exc)

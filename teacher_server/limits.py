@@ -13,7 +13,7 @@ from teacher_server.backends.base import BackendInfo
 from teacher_server.errors import ApiError
 from teacher_server.settings import ServerSettings
 
-UNSUPPORTED = "unsupported"  # the backend cannot serve this kind of request (base.UnsupportedRequest)
+UNSUPPORTED = ErrorCode.UNSUPPORTED  # the backend cannot serve this kind of request (base.UnsupportedRequest)
 
 
 def _invalid(field: str, message: str) -> ApiError:

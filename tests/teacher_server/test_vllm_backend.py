@@ -9,6 +9,7 @@ way a real deployment may be: with an API key, a served name other than the path
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from pydantic import ValidationError
 from conftest import ServerProcess, free_port
 from shared import codec
 from shared.protocol import ScoreRequest, ScoreResponse
+from student_trainer.streamed_targets import TargetStream
+from student_trainer.teacher_client import TeacherClient
 from teacher_server.backends.vllm import DUMMY, VLLMBackend, batches, sequence_scores, split_entry, vllm_dtype
 from teacher_server.backends.vllm_transport import Entry, VLLMError, error_message
 from teacher_server.settings import ServerSettings
@@ -173,6 +176,23 @@ def test_what_vllm_cannot_serve_is_a_422(vllm_teacher: ServerProcess, path: str,
     assert err["code"] == "unsupported" and err["field"] == field
     if field == "sequences":  # the session refusal names the way out
         assert "/v1/score" in err["message"] and "--backend hf" in err["message"] and "sglang" in err["message"]
+
+
+def test_streamed_targets_fall_back_to_scoring_on_a_vllm_teacher(vllm_teacher: ServerProcess) -> None:
+    """An OPD rollout's session is refused (422 unsupported): no streamed targets (the trainer scores
+    the batch), and the client asks no more."""
+
+    async def send(request):  # noqa: ANN001, ANN202 - what rollout._send does without the overlap's loop turns
+        return asyncio.ensure_future(request)
+
+    async def main() -> tuple[bool, bool]:
+        async with TeacherClient(vllm_teacher.url) as client:
+            stream = TargetStream(client, 2, 4, 5, send)
+            await stream.open([[1, 5, 6], [2, 7]])
+            stream.add([0, 1], [[8], [9]])
+            return await stream.finish() is None, client.stream_targets
+
+    assert asyncio.run(main()) == (True, False)
 
 
 def test_empty_token_ids_give_an_empty_column(vllm_teacher: ServerProcess, teacher: ServerProcess) -> None:
