@@ -10,8 +10,8 @@ KV-cached forward instead of a full one: equal to float rounding).
 A row's token is sent once the row samples another one after it: the distribution after a row's last
 token (its EOS, or the last step) is never a target. Chunks of one session go out one at a time, in
 order. If a request fails, `failed` is set and the rollout's targets come from `/v1/score` as before; a
-refusal (422: a server from before `all_positions`, or the vLLM backend, which has no sessions) also
-turns streaming off for the client.
+refusal (`refused`: a server from before `all_positions`, the vLLM backend, which has no sessions, or a
+session over the server's memory cap) also turns streaming off for the client.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from student_trainer.topk import TeacherTopK
 log = logging.getLogger(__name__)
 
 Send = Callable[[Coroutine[Any, Any, Any]], Awaitable[asyncio.Future]]
+
+
+def refused(exc: TeacherError) -> bool:
+    """Would the next rollout's stream fail the same way? A 422 for the field or for sessions (a server
+    from before `all_positions`, the vLLM backend), or a session over the server's memory cap (413)."""
+    return (exc.status == 422 and exc.code in (ErrorCode.INVALID_REQUEST, ErrorCode.UNSUPPORTED)) or (
+        exc.status == 413 and exc.code == ErrorCode.TOO_LARGE)
 
 
 class TargetStream:
@@ -120,7 +127,7 @@ class TargetStream:
         try:
             result = await request
         except TeacherError as exc:
-            if not self.failed and exc.status == 422 and exc.code in (ErrorCode.INVALID_REQUEST, ErrorCode.UNSUPPORTED):
+            if not self.failed and refused(exc):
                 self.client.stream_targets = False
                 log.warning("the teacher refused a streamed-targets session (%s); rollouts score their targets "
                             "after sampling from now on", exc)

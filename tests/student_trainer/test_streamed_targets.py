@@ -15,7 +15,8 @@ from conftest import REPO
 from student_trainer.behaviors import make_behavior
 from student_trainer.rollout import Rollout, generate, score_targets
 from student_trainer.row_generators import RowGenerators
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.streamed_targets import refused
+from student_trainer.teacher_client import TeacherClient, TeacherError
 
 K, MAX_NEW = 8, 12
 STUDENT = REPO / "models" / "arith-student"
@@ -97,3 +98,12 @@ def test_a_server_that_refuses_streaming_is_scored_after_sampling(task_teacher) 
 
     rollout, streaming = asyncio.run(main())
     assert rollout.targets is None and not streaming
+
+
+def test_which_failures_turn_streaming_off() -> None:
+    """A refusal that the next rollout would meet again turns streaming off; a passing failure (a lost
+    connection after retries, an overloaded or restarting teacher) costs only that rollout's stream."""
+    for status, code in ((422, "invalid_request"), (422, "unsupported"), (413, "too_large")):
+        assert refused(TeacherError("no", status, code))
+    for status, code in ((None, None), (503, "not_ready"), (429, "overloaded"), (422, "quarantined")):
+        assert not refused(TeacherError("later", status, code))
