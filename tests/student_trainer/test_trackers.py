@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from student_trainer.run_log import read_metrics
 from student_trainer.train import train_sync
 
 STEPS = 2
+# trackio keeps its store where TRACKIO_DIR pointed when it was first imported, which may be a shared
+# default from an earlier test: a project of this session's own keeps other sessions' runs out of it
+PROJECT = f"trackers-test-{uuid.uuid4().hex[:8]}"
 
 
 def test_scalars_are_the_numeric_fields_less_step_and_final() -> None:
@@ -95,7 +99,7 @@ def tracked_run(task_models, task_teacher, tmp_path_factory) -> Path:
                                  f"train.steps={STEPS}", "train.eval_every=0", "train.save_every=0",
                                  f"train.out_dir={root / 'run'}", "train.progress=false", "data.eval_size=2",
                                  "data.probe_size=2", f"train.report_to={json.dumps(names)}",
-                                 "train.tracker_project=trackers-test"])
+                                 f"train.tracker_project={PROJECT}"])
         train_sync(cfg)
     return root
 
@@ -177,7 +181,7 @@ def test_trackio_local_store_holds_the_scalars_config_and_plot(tracked_run: Path
     pytest.importorskip("trackio")
     from trackio.sqlite_storage import SQLiteStorage
 
-    logs = SQLiteStorage.get_logs("trackers-test", "run")
+    logs = SQLiteStorage.get_logs(PROJECT, "run")
     got: dict[str, dict[int, float]] = {}
     for entry in logs:
         for key, value in entry.items():
@@ -185,7 +189,7 @@ def test_trackio_local_store_holds_the_scalars_config_and_plot(tracked_run: Path
                 got.setdefault(key, {})[entry["step"]] = value
     _same(got, _expected(tracked_run))
     assert sum(trackers.PLOT_KEY in entry for entry in logs) == 1
-    assert SQLiteStorage.get_run_config("trackers-test", "run")["train"]["steps"] == STEPS
+    assert SQLiteStorage.get_run_config(PROJECT, "run")["train"]["steps"] == STEPS
 
 
 def test_mlflow_file_store_holds_the_scalars_config_and_plot(tracked_run: Path) -> None:
@@ -193,7 +197,7 @@ def test_mlflow_file_store_holds_the_scalars_config_and_plot(tracked_run: Path) 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"file:{tracked_run / 'mlruns'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("trackers-test").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(PROJECT).experiment_id])
     got = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in run.data.metrics}
     _same(got, _expected(tracked_run))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
