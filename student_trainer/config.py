@@ -67,8 +67,8 @@ class TeacherCfg(_Section):
     threads: int | None = Field(None, description="torch threads of the local teacher server.")
     stream_chunk_tokens: int = Field(16, ge=0, description="Student-only rollouts (opd, trb at eps 0) get their "
                                      "targets through a session, this many tokens at a time while sampling goes on, "
-                                     "so the step waits only for the last chunk's scoring; 0: one /v1/score call "
-                                     "after sampling.")
+                                     "so the step waits only for the last chunk's scoring; 0 (or max_new_tokens "
+                                     "at most this): one /v1/score call after sampling.")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherCfg:

@@ -89,7 +89,8 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     the tiny forward and the HTTP client would otherwise take turns on the GIL.
 
     A behavior that needs no teacher gets its targets through a `TargetStream`, `stream_chunk`
-    tokens at a time, while it samples (0: no targets here; the caller scores afterwards).
+    tokens at a time, while it samples (0, or a rollout of at most one chunk, which would gain
+    nothing but two requests: no targets here; the caller scores afterwards).
     """
     use_teacher = behavior.needs_teacher(eps)
     if use_teacher and teacher is None:
@@ -98,7 +99,7 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
     decoder = make_decoder(student, pad_id, capacity=max(map(len, prompts)) + max_new_tokens, kind=decoder)
     session_task = await _send(teacher.open_session(prompts, top_k), overlap) if use_teacher else None
     stream = None
-    if not use_teacher and teacher is not None and stream_chunk > 0 and teacher.stream_targets:
+    if not use_teacher and teacher is not None and 0 < stream_chunk < max_new_tokens and teacher.stream_targets:
         stream = TargetStream(teacher, batch, max_new_tokens, top_k, lambda request: _send(request, overlap))
         await stream.open(prompts)
     logits_A_V = decoder.prefill(prompts)

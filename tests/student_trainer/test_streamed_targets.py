@@ -5,6 +5,7 @@ to that call when the session is lost or refused."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -13,10 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO
 from student_trainer.behaviors import make_behavior
+from student_trainer.config import load_config
 from student_trainer.rollout import Rollout, generate, score_targets
 from student_trainer.row_generators import RowGenerators
+from student_trainer.run_log import read_metrics
 from student_trainer.streamed_targets import refused
 from student_trainer.teacher_client import TeacherClient, TeacherError
+from student_trainer.train import train_sync
 
 K, MAX_NEW = 8, 12
 STUDENT = REPO / "models" / "arith-student"
@@ -40,11 +44,12 @@ def _assert_same_targets(rollout: Rollout, scored) -> None:  # noqa: ANN001 - Te
     assert torch.allclose(rollout.targets.tail_logprob[m], scored.tail_logprob[m], atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 32])
+@pytest.mark.parametrize("chunk", [1, 5, 11])
 def test_streamed_targets_equal_scoring_the_finished_batch(task_teacher, chunk) -> None:
     async def main() -> tuple[Rollout, Rollout, object]:
         async with TeacherClient(task_teacher.url) as client:
             plain = await _rollout(client, chunk=0)
+            assert (await _rollout(client, chunk=MAX_NEW)).targets is None  # one chunk: scored after sampling
             streamed = await _rollout(client, chunk=chunk)
             return plain, streamed, await score_targets(streamed, client, K, 0)
 
@@ -107,3 +112,30 @@ def test_which_failures_turn_streaming_off() -> None:
         assert refused(TeacherError("no", status, code))
     for status, code in ((None, None), (503, "not_ready"), (429, "overloaded"), (422, "quarantined")):
         assert not refused(TeacherError("later", status, code))
+
+
+def test_a_streamed_run_trains_like_a_scored_one(task_models, task_teacher, tmp_path) -> None:
+    """Three OPD steps through `train()`: the same tokens (response lengths) and losses to float
+    rounding whether the targets were streamed in chunks of 4 or scored after sampling."""
+    def run(chunk: int) -> list[dict]:
+        cfg = load_config(None, [f"student.path={STUDENT}", f"teacher.url={task_teacher.url}", f"teacher.top_k={K}",
+                                 f"teacher.stream_chunk_tokens={chunk}", "method.name=opd", "train.batch_size=4",
+                                 f"train.max_new_tokens={MAX_NEW}", "train.steps=3", "train.eval_every=0",
+                                 "train.save_every=0", f"train.out_dir={tmp_path / str(chunk)}",
+                                 "train.progress=false", "data.eval_size=2", "data.probe_size=2"])
+        train_sync(cfg)
+        return [r for r in read_metrics(tmp_path / str(chunk) / "metrics.jsonl") if "loss" in r]
+
+    def extends() -> int:  # the server's count of session extends (the streamed chunks), every client
+        text = httpx.get(f"{task_teacher.url}/metrics").text
+        pattern = r'^trb_teacher_requests_total\{[^}]*route="[^"]*/extend"[^}]*\} (\S+)$'
+        return int(sum(float(v) for v in re.findall(pattern, text, re.M)))
+
+    before = extends()
+    streamed = run(4)
+    middle = extends()
+    scored = run(0)
+    assert middle - before >= 3 * 2 and extends() == middle  # 3 steps of >= 2 chunks; none unstreamed
+    assert [r["tokens"] for r in streamed] == [r["tokens"] for r in scored]
+    for a, b in zip(streamed, scored, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
