@@ -145,21 +145,21 @@ class FairScheduler:
             return await self.call(
                 client, lambda: backend.extend_session(state, rows, tokens, top_k, all_positions), total)
         width = max(1, self.max_batch_tokens // len(rows))
-        pieces: list[list[StepArrays]] = [[] for _ in rows]
+        parts: list[StepArrays] = []
+        entries: list[list[int]] = [[] for _ in rows]  # each row's entries in the pieces' concatenation
+        done = 0
         for offset in range(0, max(map(len, tokens)), width):
             live = [i for i, t in enumerate(tokens) if len(t) > offset]
             part = [tokens[i][offset : offset + width] for i in live]
-            step = await self.call(
+            parts.append(await self.call(
                 client, lambda live=live, part=part: backend.extend_session(
-                    state, [rows[i] for i in live], part, top_k, True), sum(map(len, part)))
-            at = 0
+                    state, [rows[i] for i in live], part, top_k, True), sum(map(len, part))))
             for i, toks in zip(live, part, strict=True):
-                pieces[i].append(StepArrays(step.top_ids[at : at + len(toks)], step.top_logprobs[at : at + len(toks)],
-                                            step.tail_logprob[at : at + len(toks)]))
-                at += len(toks)
-        flat = [p for row in pieces for p in row]
-        return StepArrays(np.concatenate([p.top_ids for p in flat]), np.concatenate([p.top_logprobs for p in flat]),
-                          np.concatenate([p.tail_logprob for p in flat]))
+                entries[i] += range(done, done + len(toks))
+                done += len(toks)
+        order = [e for row in entries for e in row]  # row by row, as a single call answers
+        return StepArrays(*(np.concatenate([getattr(p, f) for p in parts])[order]
+                            for f in ("top_ids", "top_logprobs", "tail_logprob")))
 
     async def call(self, client: str, fn: Callable[[], Any], tokens: int = 1, fingerprint: str = "") -> Any:
         """Run `fn` on the model thread in this client's turn (session steps)."""
