@@ -206,14 +206,14 @@ check_run() {
 }
 
 wait_healthy() {
-    # /health needs no key and answers once the model has loaded (the key is minted before that).
+    # /ready needs no key and answers 200 once the model has loaded (503 before: the server listens at once).
     for _ in $(seq 180); do
-        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$TEACHER_PORT/health', timeout=2)" \
+        python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$TEACHER_PORT/ready', timeout=2)" \
             2>/dev/null && return 0
         sleep 1
     done
     "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" logs --no-color --tail 20 teacher || true
-    fail "the teacher did not answer /health on 127.0.0.1:$TEACHER_PORT within 180s"
+    fail "the teacher did not answer /ready on 127.0.0.1:$TEACHER_PORT within 180s"
 }
 
 status_of() {  # the HTTP status of GET /v1/model with the given Authorization header ("" for none)

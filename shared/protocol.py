@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.arrays import array_field
 
 LogprobDtype = Literal["float32", "float16"]
+TailKind = Literal["exact", "bounded"]
+TAIL_DOC = ("How tail_logprob was obtained: `exact`, a logsumexp over the whole vocabulary; `bounded`, rebuilt "
+            "as log(1 - sum(exp(top_logprobs))) from an engine's float32 top-k, whose mass is known only to within "
+            "tail_bound (the true mass lies in [max(0, exp(tail) - tail_bound), exp(tail) + tail_bound]).")
 
 Ids2D = array_field("int32", 2, "integer", "Token ids, shape (positions, k).")
 Floats1D = array_field(None, 1, "number", "Log-probabilities, shape (positions,).")
@@ -92,6 +96,8 @@ class SequenceScores(BaseModel):
 class ScoreResponse(BaseModel):
     model: str = Field(description="Name of the model that scored the request.")
     results: list[SequenceScores] = Field(description="One entry per request sequence, in order.")
+    tail: TailKind = Field("exact", description=TAIL_DOC)
+    tail_bound: float = Field(0.0, description="Absolute bound on the error of exp(tail_logprob); 0 when exact.")
 
 
 class SessionCreateRequest(_Request):
@@ -153,6 +159,8 @@ class SessionStep(BaseModel):
                            "shape (entries, k).")
     top_logprobs: Floats2D = Field(description="Logprobs of top_ids; shape (entries, k).")
     tail_logprob: Floats1D = Field(description="Log of the mass outside the top-k; shape (entries,).")
+    tail: TailKind = Field("exact", description=TAIL_DOC)
+    tail_bound: float = Field(0.0, description="Absolute bound on the error of exp(tail_logprob); 0 when exact.")
 
 
 class ModelInfo(BaseModel):
@@ -166,8 +174,13 @@ class ModelInfo(BaseModel):
     max_full_values: int = Field(description="Cap on positions x vocab in one full-logprobs response.")
     max_sequences: int = Field(description="Most sequences (rows) in one request.")
     max_tokens: int = Field(description="Most tokens in one request, summed over sequences.")
-    dtype: str = Field(description="Dtype of the model weights.")
+    dtype: str = Field(description="Dtype the model runs in (for an engine backend: the engine's own).")
     device: str = Field(description="Device the model runs on.")
+    sessions: bool = Field(True, description="Whether /v1/sessions is served (per-token teacher queries: TRB's "
+                           "warmup, fixed_eps, skd, teacher_warmup, sft_warmup and streamed targets need it).")
+    token_ids: bool = Field(True, description="Whether `token_ids` scoring is served.")
+    tail: TailKind = Field("exact", description=TAIL_DOC)
+    tail_bound: float = Field(0.0, description="Absolute bound on the error of exp(tail_logprob); 0 when exact.")
 
 
 class ErrorDetail(BaseModel):
@@ -192,6 +205,7 @@ class ErrorCode:
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
     NOT_READY = "not_ready"
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # the inference engine behind the teacher is down: retry later
     QUARANTINED = "quarantined"  # the request crashed the model twice: never retry it
     UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal"

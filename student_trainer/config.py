@@ -62,6 +62,9 @@ class TeacherCfg(_Section):
     timeout_s: float = Field(120.0, gt=0, description="Seconds one teacher request may take before it is retried.")
     retries: int = Field(10, ge=0, description="Retries of a request that cannot connect or gets 503/429, pausing "
                          "0.5 s doubling to 10 s (10: about 35-65 s): how long a run waits for a restarting teacher.")
+    retry_for_s: float = Field(300.0, ge=0, description="Keep retrying a request that cannot connect or gets "
+                               "503 until this long after its first try, past `retries`: carries a run through a "
+                               "teacher restart or an engine restart behind it (SGLang/vLLM: a minute or more).")
     ready_timeout_s: float = Field(300.0, gt=0, description="Seconds to wait at start for the teacher to load; "
                                    "what is awaited is printed every ~10 s.")
     threads: int | None = Field(None, description="torch threads of the local teacher server.")

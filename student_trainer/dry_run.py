@@ -105,7 +105,9 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
         f"{cfg.teacher.model} (a local server, started and stopped)"
     t = cfg.train
     evals = f"every {t.eval_every} steps, " if t.eval_every else ""
-    lines += [("teacher", f"{where}: {info.backend}, vocab {info.vocab_size}, max_context {info.max_context}, "
+    tail = "exact tails" if info.tail == "exact" else f"tails rebuilt from the top-k (mass within {info.tail_bound:g})"
+    lines += [("teacher", f"{where}: {info.backend} ({info.dtype}), vocab {info.vocab_size}, max_context "
+                          f"{info.max_context}, {'sessions' if info.sessions else 'no sessions'}, {tail}, "
                           f"tokenizer fingerprint {info.tokenizer_fingerprint} = the student's"),
               ("method", _method(cfg)),
               ("data", data_line),

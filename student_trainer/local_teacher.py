@@ -36,7 +36,7 @@ class LocalTeacher:
 
     def wait_ready(self, timeout_s: float = 300.0, report: Callable[[str], None] | None = None,
                    report_every_s: float = 15.0) -> LocalTeacher:
-        """Until /health answers; a large teacher takes minutes to load, so `report` hears it now and then."""
+        """Until /ready answers 200; a large teacher takes minutes to load, so `report` hears it now and then."""
         started = time.monotonic()
         deadline, next_report = started + timeout_s, started + report_every_s
         while time.monotonic() < deadline:
@@ -44,8 +44,8 @@ class LocalTeacher:
                 raise RuntimeError(f"the local teacher server exited with code {self.proc.returncode}"
                                    f"{'; see ' + self._log.name if self._log.name != os.devnull else ''}")
             try:
-                # /health needs no API key; uvicorn binds only after the model has loaded.
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                # /ready needs no API key; it answers 503 while the model loads (the server listens at once).
+                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -208,7 +208,8 @@ async def _serve(spec: ProducerSpec, policy: torch.nn.Module, commands: Connecti
 
     cfg, tok = spec.cfg, spec.tokenizer
     async with TeacherClient(spec.urls, client_id=spec.client_id, timeout=cfg.teacher.timeout_s,
-                             retries=cfg.teacher.retries, api_key=cfg.teacher.api_key) as client:
+                             retries=cfg.teacher.retries, retry_for_s=cfg.teacher.retry_for_s,
+                             api_key=cfg.teacher.api_key) as client:
         await startup.connect(client, cfg, tok, report=startup.quiet)
         offline = OfflineData.open(cfg.data.offline_path, tok.pad_token_id, cfg.data.seed) \
             if cfg.method.name == "offline_kd" else None

@@ -74,7 +74,30 @@ def _last_line(log: Path) -> str:
     return f"; its last line: {lines[-1].strip()}" if lines else ""
 
 
+# Methods that query the teacher at every rollout token, through a decoding session.
+PER_TOKEN_METHODS = ("fixed_eps", "skd", "sft_warmup", "teacher_warmup")
+
+
+def needs_sessions(cfg: Config) -> bool:
+    m = cfg.method
+    return m.name in PER_TOKEN_METHODS or (m.name == "trb" and m.eps0 > 0)
+
+
+def check_teacher_serves(cfg: Config, info: ModelInfo) -> None:
+    """Refuse, before the first step, a method the teacher cannot serve (it would fail at its first rollout)."""
+    from student_trainer.teacher_client import TeacherError
+
+    if needs_sessions(cfg) and not info.sessions:
+        raise TeacherError(
+            f"method.name={cfg.method.name} queries the teacher at every rollout token through a decoding session, "
+            f"and this teacher ({info.backend} backend) serves no sessions: serve the teacher with --backend hf or "
+            "--backend sglang, or set method.name=opd (or veto), which score finished rollouts")
+
+
 async def connect(client: TeacherClient, cfg: Config, tokenizer: Any, report: Report = say) -> ModelInfo:
-    """Wait for the teacher (saying why while it is not ready), then refuse a tokenizer mismatch."""
+    """Wait for the teacher (saying why while it is not ready), then refuse a tokenizer mismatch and a
+    method the teacher cannot serve."""
     await client.wait_ready(cfg.teacher.ready_timeout_s, report=report)
-    return await client.check_tokenizer(tokenizer)
+    info = await client.check_tokenizer(tokenizer)
+    check_teacher_serves(cfg, info)
+    return info

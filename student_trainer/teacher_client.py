@@ -15,6 +15,7 @@ so its extends go there; if that replica dies, the session is rebuilt on another
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class Replica:
 class TeacherClient:
     def __init__(self, url: str | Sequence[str], client_id: str = "trainer", timeout: float = 120.0,
                  retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 10.0, api_key: str | None = None,
-                 binary: bool = True) -> None:
+                 binary: bool = True, retry_for_s: float = 0.0) -> None:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("TeacherClient needs at least one teacher URL")
@@ -118,6 +119,7 @@ class TeacherClient:
         self.replicas = [Replica(u.rstrip("/"), httpx.AsyncClient(base_url=u.rstrip("/"), headers=headers,
                                                                   timeout=timeout)) for u in urls]
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.retry_for_s = retry_for_s  # keep retrying past `retries` until this long after the first failure
         self.url = ", ".join(r.url for r in self.replicas)
         self._fingerprint: str | None = None  # the student's, once check_tokenizer has passed
         self.stream_targets = True  # False once a server refused a streamed-targets session (streamed_targets.py)
@@ -160,9 +162,9 @@ class TeacherClient:
         r.failures, r.down_until = 0, None
 
     async def _probe(self, r: Replica) -> None:
-        """Back into rotation if /health answers and the tokenizer still matches; else back off more."""
+        """Back into rotation if /ready answers and the tokenizer still matches; else back off more."""
         try:
-            healthy = (await r.http.get("/health", timeout=5.0)).status_code == 200
+            healthy = (await r.http.get("/ready", timeout=5.0)).status_code == 200
             if healthy and self._fingerprint is not None:
                 resp = await r.http.get("/v1/model", timeout=5.0)
                 healthy = resp.status_code == 200 and \
@@ -186,7 +188,9 @@ class TeacherClient:
         """Send to `replica`, or route each attempt; returns the answer and the replica that gave it."""
         content = codec.encode(body, self.media) if body is not None else None
         headers = {"content-type": self.media} if body is not None else {}
-        for attempt in range(self.retries + 1):
+        started = self._now()
+        for attempt in itertools.count():
+            last = not self.may_retry(attempt, started)
             delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
             target = replica or self._pick()
             target.in_flight += 1
@@ -195,14 +199,14 @@ class TeacherClient:
                 resp = await target.http.request(method, path, content=content, headers=headers)
             except _TRANSPORT_ERRORS as exc:
                 self._mark_down(target)
-                if not retry_transport or attempt == self.retries:
+                if not retry_transport or last:
                     raise TeacherError(f"teacher at {target.url} unreachable: {exc!r}") from exc
                 await (asyncio.sleep(delay) if replica else self._pause(delay))
                 continue
             finally:
                 target.in_flight -= 1
             self._mark_up(target)
-            if resp.status_code in _RETRY_STATUS and attempt < self.retries:
+            if resp.status_code in _RETRY_STATUS and not last:
                 retry_after = resp.headers.get("retry-after")
                 await asyncio.sleep(float(retry_after) if retry_after and retry_after.isdigit() else delay)
                 continue
@@ -210,6 +214,11 @@ class TeacherClient:
                 raise self._error(resp)
             return resp, target
         raise AssertionError("unreachable")
+
+    def may_retry(self, attempt: int, started: float) -> bool:
+        """Another try after `attempt` failed ones: within `retries`, or within `retry_for_s` of the first
+        try (an engine behind the teacher takes a minute or more to restart)."""
+        return attempt < self.retries or self._now() - started < self.retry_for_s
 
     def _error(self, resp: httpx.Response) -> TeacherError:
         try:
@@ -330,12 +339,13 @@ class TeacherSession:
         """(Re)create the session from the full prefixes, on the least-loaded healthy replica;
         returns every row's next-token top-k."""
         req = SessionCreateRequest(sequences=self.prefixes, top_k=self.top_k)
-        for attempt in range(self.client.retries + 1):
+        started = self.client._now()
+        for attempt in itertools.count():
             try:
                 step, self.replica = await self.client._session_call("/v1/sessions", req)
                 break
             except TeacherError as exc:
-                if exc.status is not None or attempt == self.client.retries:
+                if exc.status is not None or not self.client.may_retry(attempt, started):
                     raise
                 await self.client._pause(attempt)
         self.session_id = step.session_id

@@ -323,7 +323,7 @@ async def _train(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     urls = cfg.teacher.urls or distributed.broadcast(d, [local.url] if local else None)
     try:
         async with TeacherClient(urls, client_id=f"trainer:{out.name}", timeout=cfg.teacher.timeout_s,
-                                 retries=cfg.teacher.retries,
+                                 retries=cfg.teacher.retries, retry_for_s=cfg.teacher.retry_for_s,
                                  api_key=cfg.teacher.api_key) as client:
             await startup.connect(client, cfg, tokenizer, report=startup.say if d.main else startup.quiet)
             run = assemble(cfg, student, tokenizer, client, out, d)

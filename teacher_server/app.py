@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +25,7 @@ from teacher_server.auth import key_name, load_keys
 from teacher_server.backends.base import Backend
 from teacher_server.backends.factory import load_backend
 from teacher_server.deps import client_of
+from teacher_server.engine_health import EngineHealth
 from teacher_server.errors import error_response, install_error_handlers
 from teacher_server.metrics import Metrics
 from teacher_server.quarantine import Quarantine
@@ -28,6 +33,9 @@ from teacher_server.routes import router
 from teacher_server.scheduler import FairScheduler
 from teacher_server.sessions import SessionStore
 from teacher_server.settings import ServerSettings
+
+log = logging.getLogger("teacher_server")
+OPEN_PATHS = ("/health", "/ready")  # probes for orchestrators and health checks: they reveal no data
 
 # At shutdown uvicorn has given requests `shutdown_grace_s` to finish, then cut them off; a model call
 # still running belongs to no one, so the worker gets this long to answer before it is killed.
@@ -53,6 +61,7 @@ class Server:
                                        on_charge=lambda c, s: self.metrics.model_seconds.labels(c).inc(s),
                                        quarantine=Quarantine(cfg.quarantine_s))
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions, cfg.max_session_bytes)
+        self.engine_health = EngineHealth(backend.info.engine_urls)
 
     def model_info(self) -> ModelInfo:
         i, c = self.backend.info, self.cfg
@@ -60,7 +69,9 @@ class Server:
                          tokenizer_fingerprint=i.tokenizer_fingerprint, max_context=i.max_context,
                          max_top_k=limits.max_top_k(i, c), full_logprobs=c.allow_full and i.supports_full,
                          max_full_values=c.max_full_values, max_sequences=c.max_sequences,
-                         max_tokens=c.max_tokens, dtype=i.dtype, device=i.device)
+                         max_tokens=c.max_tokens, dtype=i.dtype, device=i.device, sessions=i.supports_sessions,
+                         token_ids=i.supports_token_ids, tail="bounded" if i.tail_bound else "exact",
+                         tail_bound=i.tail_bound)
 
     def refresh_gauges(self) -> None:
         self.metrics.queue_depth.set(self.scheduler.depth)
@@ -98,7 +109,7 @@ class Gatekeeper:
 
         try:
             keys = scope["app"].state.keys
-            if keys and scope["path"] != "/health":
+            if keys and scope["path"] not in OPEN_PATHS:
                 name = key_name(keys, request.headers.get("authorization"), request.headers.get("x-api-key"))
                 if name is None:
                     response = error_response(401, ErrorCode.UNAUTHORIZED, "a valid API key is required "
@@ -120,22 +131,77 @@ class Gatekeeper:
                     server.metrics.errors.labels(path, client, code).inc()
 
 
-def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], Backend] = build_backend) -> FastAPI:
+def _load_in_background(factory: Callable[[ServerSettings], Backend], cfg: ServerSettings) -> asyncio.Future:
+    """Build the backend on a daemon thread, so that the server listens (and answers /ready 503) while a
+    model loads or an engine starts, and a SIGTERM stops it at any moment: the lifespan's shutdown does
+    not wait for the thread, and the loading worker process is killed (`_stop_loading`)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(setter: Callable, value: object) -> None:
+        try:
+            loop.call_soon_threadsafe(lambda: done.done() or setter(value))
+        except RuntimeError:  # the loop closed first: the server is gone, so is this backend's use
+            if isinstance(value, Backend):
+                value.close()
+
+    def run() -> None:
+        try:
+            settle(done.set_result, factory(cfg))
+        except BaseException as exc:  # noqa: BLE001 - reported by the lifespan, which stops the server
+            settle(done.set_exception, exc)
+
+    threading.Thread(target=run, name="teacher-load", daemon=True).start()
+    return done
+
+
+def _stop_loading() -> None:
+    """Shutdown during startup: kill the model process still loading (it may wait on an engine)."""
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], Backend] = build_backend,
+               exit_on_failure: bool = False) -> FastAPI:
+    """The app; its backend loads after the server listens (/ready answers 503 until then, with the
+    reason). `exit_on_failure`: a backend that cannot start stops the process (the CLI's choice; in
+    process, the failure stays on /ready)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backend = await asyncio.to_thread(backend_factory, cfg)
-        server = Server(cfg, backend)
-        server.scheduler.start()
-        app.state.server = server
+        loading = _load_in_background(backend_factory, cfg)
+
+        async def serve_when_loaded() -> None:
+            try:
+                backend = await loading
+            except Exception as exc:  # noqa: BLE001 - the server cannot serve: stop it, exit non-zero
+                app.state.startup_error = f"{type(exc).__name__}: {exc}"
+                log.error("the teacher could not start its backend: %s", app.state.startup_error)
+                if exit_on_failure:  # uvicorn's own shutdown; the CLI then exits with status 1
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return
+            server = Server(cfg, backend)
+            server.scheduler.start()
+            app.state.server = server
+            log.info("the backend is ready: %s (%s)", backend.info.name, backend.info.backend)
+
+        starter = asyncio.create_task(serve_when_loaded())
         try:
             yield
         finally:
-            await server.scheduler.stop()
-            await asyncio.to_thread(backend.close)
+            server = app.state.server
+            if server is None:  # stopped while loading
+                starter.cancel()
+                _stop_loading()
+                loading.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
+            else:
+                await server.scheduler.stop()
+                await server.engine_health.aclose()
+                await asyncio.to_thread(server.backend.close)
 
     app = FastAPI(title="TRB teacher server", version="0.1.0", lifespan=lifespan,
                   description="Next-token logprobs of a frozen teacher LM, for on-policy distillation.")
     app.state.server = None
+    app.state.startup_error = None
     app.state.keys = load_keys(cfg.api_keys, cfg.api_keys_file, cfg.shared_key_file, os.environ.get("TRB_API_KEY"))
     install_error_handlers(app)
 

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                        "http://127.0.0.1:8001 (--model is still read for the tokenizer).")
     serve.add_argument("--vllm-api-key-file", default=None, help="File holding the --api-key of the vLLM server; "
                        "or set TRB_TEACHER_VLLM_API_KEY.")
+    serve.add_argument("--engine-wait", type=float, default=None, dest="engine_wait_s",
+                       help="Seconds to wait for the SGLang/vLLM engine's /health at startup (default 600); the "
+                       "teacher listens meanwhile and /ready answers 503 with the reason.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
@@ -127,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     # the signal; these no-op handlers turn that re-raise into a clean exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
+    app = create_app(cfg, exit_on_failure=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, round(cfg.shutdown_grace_s)))
+    if app.state.startup_error:
+        sys.exit(f"trb-teacher: the backend did not start: {app.state.startup_error}")
 
 
 if __name__ == "__main__":

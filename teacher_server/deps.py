@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared import codec
 from shared.protocol import ErrorCode, ErrorResponse, float_dtype
+from teacher_server.backends.base import EngineUnavailable
 from teacher_server.errors import ApiError, from_validation_error
 from teacher_server.quarantine import Quarantined
 from teacher_server.scheduler import TIMING, Overloaded
@@ -113,7 +114,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 4
 def get_server(request: Request) -> Server:
     server: Server | None = request.app.state.server
     if server is None:
-        raise ApiError(503, ErrorCode.NOT_READY, "the model is still loading", headers={"Retry-After": "1"})
+        failed = request.app.state.startup_error
+        message = (f"the backend failed to start: {failed}" if failed else
+                   "the backend is starting (loading the model, or waiting for its engine to answer)")
+        raise ApiError(503, ErrorCode.NOT_READY, message, headers={"Retry-After": "2"})
     return server
 
 
@@ -127,3 +131,6 @@ async def run_queued(server: Server, coro: Any) -> Any:
         raise ApiError(422, ErrorCode.QUARANTINED, str(exc)) from exc
     except WorkerDied as exc:  # a new worker is already serving: the retry will be answered
         raise ApiError(503, ErrorCode.NOT_READY, str(exc), headers={"Retry-After": "1"}) from exc
+    except EngineUnavailable as exc:  # the engine restarts; /ready says when it answers again
+        server.engine_health.mark_down(str(exc))
+        raise ApiError(503, ErrorCode.ENGINE_UNAVAILABLE, str(exc), headers={"Retry-After": "2"}) from exc

@@ -47,6 +47,10 @@ def install_error_handlers(app: FastAPI) -> None:
         err = from_validation_error(exc)
         return error_response(err.status, err.code, err.message, err.field)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug: still JSON, never a page
+        return error_response(500, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"[:500])
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = ErrorCode.INVALID_REQUEST if exc.status_code < 500 else ErrorCode.INTERNAL

@@ -43,11 +43,15 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: the model is loaded.", responses={503: ERRORS[503]})
+@router.get("/ready", summary="Readiness: the model is loaded and its engine (if any) answers; no key needed.",
+            responses={503: ERRORS[503]})
 async def ready(request: Request) -> dict[str, str]:
-    if not get_server(request).backend.ready:
+    server = get_server(request)  # 503 while the backend starts, with the reason
+    if not server.backend.ready:
         raise ApiError(503, ErrorCode.NOT_READY, "the model process is down and being restarted",
                        headers={"Retry-After": "5"})
+    if why := await server.engine_health.down():
+        raise ApiError(503, ErrorCode.ENGINE_UNAVAILABLE, why, headers={"Retry-After": "2"})
     return {"status": "ready"}
 
 
@@ -66,14 +70,17 @@ async def score(request: Request) -> Response:
     client = client_of(request)
     results = await run_queued(server, server.scheduler.score(client, req))
     server.metrics.tokens_scored.labels(client).inc(sum(len(s) for s in req.sequences))
-    body = ScoreResponse(model=server.backend.info.name,
-                         results=[cast_floats(r, req.logprob_dtype) for r in results])
+    info = server.backend.info
+    body = ScoreResponse(model=info.name, results=[cast_floats(r, req.logprob_dtype) for r in results],
+                         tail="bounded" if info.tail_bound else "exact", tail_bound=info.tail_bound)
     return respond(request, body)
 
 
-def _step(session_id: str, step: StepArrays, rows: list[int], lengths: list[int], dtype: str) -> SessionStep:
+def _step(session_id: str, step: StepArrays, rows: list[int], lengths: list[int], dtype: str,
+          tail_bound: float) -> SessionStep:
     out = SessionStep(session_id=session_id, rows=rows, lengths=[lengths[r] for r in rows],
-                      top_ids=step.top_ids, top_logprobs=step.top_logprobs, tail_logprob=step.tail_logprob)
+                      top_ids=step.top_ids, top_logprobs=step.top_logprobs, tail_logprob=step.tail_logprob,
+                      tail="bounded" if tail_bound else "exact", tail_bound=tail_bound)
     return cast_floats(out, dtype)
 
 
@@ -94,7 +101,8 @@ async def create_session(request: Request) -> Response:
     session = server.sessions.add(state, req.top_k, client, req.logprob_dtype)
     server.refresh_gauges()
     rows = list(range(len(req.sequences)))
-    return respond(request, _step(session.id, step, rows, state.lengths, req.logprob_dtype))
+    return respond(request, _step(session.id, step, rows, state.lengths, req.logprob_dtype,
+                                  server.backend.info.tail_bound))
 
 
 @router.post("/v1/sessions/{session_id}/extend", summary="Append tokens to rows; next-token top-k per row.",
@@ -127,7 +135,7 @@ async def extend_session(session_id: str, request: Request) -> Response:
     server.metrics.tokens_scored.labels(client).inc(tokens)
     server.sessions.enforce_caps(keep=session_id)
     server.refresh_gauges()
-    return respond(request, _step(session_id, step, rows, state.lengths, session.logprob_dtype))
+    return respond(request, _step(session_id, step, rows, state.lengths, session.logprob_dtype, info.tail_bound))
 
 
 @router.delete("/v1/sessions/{session_id}", summary="Close a session and free its cache.",

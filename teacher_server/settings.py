@@ -25,6 +25,8 @@ class ServerSettings(BaseSettings):
                                            "token (prefer vllm_api_key_file).")
     vllm_api_key_file: str | None = Field(None, description="A file holding that key (surrounding whitespace is "
                                           "dropped).")
+    engine_wait_s: float = Field(600.0, gt=0, description="How long the sglang and vllm backends wait at startup for "
+                                 "their engine's /health (the teacher listens meanwhile: /ready answers 503).")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     decoder: Literal["auto", "eager", "static", "qwen3"] = Field(

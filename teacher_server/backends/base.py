@@ -29,6 +29,8 @@ class BackendInfo:
     supports_sessions: bool = True  # False: /v1/sessions gets a 422 (vLLM: prompt logprobs skip its prefix cache)
     max_top_k: int | None = None  # the backend's own cap on top_k (vLLM's --max-logprobs); None: the vocab
     supports_token_ids: bool = True  # False: `token_ids` scoring gets a 422 (vLLM returns top-k + actual token only)
+    tail_bound: float = 0.0  # 0: tails are exact; else the bound on a rebuilt tail's mass (`tail_from_top`)
+    engine_urls: tuple[str, ...] = ()  # engines whose /health decides /ready (SGLang, vLLM servers)
 
 
 @dataclass
@@ -52,6 +54,10 @@ class SessionState(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the state now (the session store calls this on delete, expiry and eviction)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine behind the backend does not answer (stopped, restarting): a 503 the client retries."""
 
 
 class UnsupportedRequest(ValueError):
@@ -86,17 +92,23 @@ class Backend(ABC):
         """Release resources at shutdown."""
 
 
-TAIL_FLOOR = float(np.finfo(np.float32).tiny)  # mass floor so log(1 - sum(top)) never sees 0 or below
+# How far 1 - sum(exp(top)) of an engine's float32 top-k may sit from the true tail mass: its log-softmax
+# rounds each logprob to within a few float32 ulps of the log-normaliser, so the summed mass carries an
+# error of that size (measured on real SGLang and vLLM: docs/engines.md). Below it the tail is unresolvable.
+TOPK_MASS_BOUND = 1e-5
 
 
-def tail_from_top(top_lp_N_K: np.ndarray) -> np.ndarray:
-    """log(1 - sum(exp(top))) per row, for servers that return the top-k but no tail (SGLang, vLLM).
+def tail_from_top(top_lp_N_K: np.ndarray, bound: float = TOPK_MASS_BOUND) -> np.ndarray:
+    """log(1 - sum(exp(top))) per row, for engines that return the top-k but no tail and no hidden states.
 
-    Computed in float64 as log(-expm1(logsumexp(top))), the mass clamped to TAIL_FLOOR. It is only as
-    exact as the top-k values themselves: a tail far below their rounding error is approximate.
+    Computed in float64 as log(-expm1(logsumexp(top))). The true mass is within `bound` of the rebuilt
+    one; where the rebuilt mass falls below `bound` (the top-k's rounding swallowed the tail) the row
+    gets log(bound), the largest mass it can hold, instead of a float32-tiny floor: a teacher tail
+    too small is what biases a reverse-KL loss up (log p_tail -> -87), one at the bound errs by at most
+    q_tail * (log bound - log p_tail). Exact tails come from hidden states (`lm_head.py`).
     """
     lse_N = np.logaddexp.reduce(top_lp_N_K.astype(np.float64), axis=1)  # -inf for k = 0: all mass in the tail
-    return np.log(np.maximum(-np.expm1(np.minimum(lse_N, 0.0)), TAIL_FLOOR)).astype(np.float32)
+    return np.log(np.maximum(-np.expm1(np.minimum(lse_N, 0.0)), bound)).astype(np.float32)
 
 
 def topk_with_tail(logprobs: Any, k: int) -> tuple[Any, Any, Any]:

@@ -22,6 +22,7 @@ from teacher_server.backends.base import (
     StepArrays,
     topk_with_tail,
 )
+from teacher_server.backends.lm_head import scores_from_logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOGIT_BUDGET = 1 << 27  # floats of float32 logits held at once per forward chunk (512 MB)
@@ -72,7 +73,7 @@ class HFBackend(Backend):
         for req in requests:
             rows = []
             for seq, start in zip(req.sequences, req.starts(), strict=True):
-                rows.append(self._sequence_scores(logprobs[i], seq, start, req))
+                rows.append(scores_from_logprobs(logprobs[i], seq, start, req))
                 i += 1
             out.append(rows)
         return out
@@ -105,19 +106,6 @@ class HFBackend(Backend):
         logits = self.model(input_ids=ids_B_T.to(self.device), attention_mask=mask_B_T.to(self.device),
                             use_cache=False).logits
         return [logits[b, start : len(seq)].float().log_softmax(-1) for b, (seq, start) in enumerate(items)]
-
-    def _sequence_scores(self, lp_N_V: torch.Tensor, seq: list[int], start: int, req: ScoreRequest) -> SequenceScores:
-        top_ids, top_lp, tail = topk_with_tail(lp_N_V, req.top_k)
-        nxt = torch.tensor(seq[start + 1 :], dtype=torch.long, device=lp_N_V.device)
-        next_lp = lp_N_V[: len(nxt)].gather(-1, nxt[:, None]).squeeze(-1)
-        token_lp = None
-        if req.token_ids is not None:
-            token_lp = _np(lp_N_V[:, torch.tensor(req.token_ids, dtype=torch.long, device=lp_N_V.device)])
-        return SequenceScores(
-            start=start, top_ids=_np(top_ids.int()), top_logprobs=_np(top_lp), tail_logprob=_np(tail),
-            next_token_logprobs=_np(next_lp), token_logprobs=token_lp,
-            logprobs=_np(lp_N_V) if req.full else None,
-        )
 
     # ---- sessions ------------------------------------------------------------------------
     def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[HFSession, StepArrays]:

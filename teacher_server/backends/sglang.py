@@ -1,9 +1,16 @@
 """The SGLang backend: teacher logprobs from an SGLang server over HTTP, or from an in-process Engine.
 
-SGLang returns top-k logprobs only (no full vocabulary, no tail mass), so `full` requests are refused
-(`BackendInfo.supports_full = False`: a 422 `unsupported` before any work is queued) and the tail is
-rebuilt from the top-k. Sessions are stateless calls that resend each row's whole prefix: SGLang's
+Exact path (docs/sglang.md): an SGLang launched with `--enable-return-hidden-states` and
+`--chunked-prefill-size -1` returns the final hidden state of every position it computes; the backend
+projects them with the checkpoint's own lm_head (`lm_head.py`): exact top-k, exact tail, full
+logprobs. Otherwise SGLang returns top-k logprobs only (no full vocabulary, no tail mass), so `full`
+requests are refused (a 422 `unsupported` before any work is queued) and the tail is rebuilt from the
+top-k within a bound. Sessions are stateless calls that resend each row's whole prefix: SGLang's
 radix cache reuses it, so a step costs the new tokens, not the prefix.
+
+Hidden rows: SGLang returns one row per position it computed in the prefill, i.e. positions
+cached..L-1 where `cached` (meta_info.cached_tokens) is the radix-cache hit, which is capped at
+logprob_start_len = start. So positions start..L-1 are the last L - start rows.
 
 Position alignment (docs/sglang.md). Ours: position p is the distribution after ids[:p+1]. SGLang's,
 for `logprob_start_len = s` and a prompt of length L: each input list has L - s entries, entry i is
@@ -21,18 +28,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import ScoreRequest, SequenceScores
-from teacher_server.backends.base import (  # noqa: F401 - TAIL_FLOOR, tail_from_top: re-exported
-    TAIL_FLOOR,
+from teacher_server.backends.base import (  # noqa: F401 - tail_from_top: re-exported
+    TOPK_MASS_BOUND,
     Backend,
     BackendInfo,
     SessionState,
     StepArrays,
     UnsupportedRequest,
     tail_from_top,
+    topk_with_tail,
 )
+from teacher_server.backends.lm_head import LMHead, scores_from_logprobs, stored_dtype
 from teacher_server.backends.sglang_transport import (
     EngineTransport,
     GenerateCall,
@@ -146,7 +156,7 @@ class SGLangBackend(Backend):
 
     def __init__(self, model: str, url: str | None = None, engine: bool = False, name: str | None = None,
                  max_context: int | None = None, vocab_size: int | None = None, dtype: str = "auto",
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, wait_s: float = 600.0) -> None:
         if bool(url) == engine:
             raise ValueError("the sglang backend needs exactly one of a server URL (--sglang-url) or --sglang-engine")
         from transformers import AutoConfig, AutoTokenizer
@@ -156,21 +166,28 @@ class SGLangBackend(Backend):
         vocab = vocab_size or getattr(config, "vocab_size", None) or len(tokenizer)
         self.sglang_vocab = int(getattr(config, "vocab_size", None) or vocab)  # what SGLang's ModelConfig reads
         self.transport: HTTPTransport | EngineTransport = (
-            HTTPTransport(url, api_key=api_key) if url else EngineTransport(model, dtype))
+            HTTPTransport(url, api_key=api_key, ready_timeout_s=wait_s) if url else EngineTransport(model, dtype))
         limit = max_prompt_len(self.transport.max_req_input_len, self.transport.context_len)
         if limit is None:
             limit = (getattr(config, "max_position_embeddings", None) or 4096) - UNSAID_MARGIN
             log.warning("SGLang did not report max_req_input_len; assuming prompts up to %d tokens", limit)
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype_run = resolve_dtype(self.transport.dtype, config_dtype, getattr(config, "model_type", "") or "")
+        self.head = LMHead(model) if self.transport.hidden_states else None
+        if self.head is not None:  # the hidden states' own bits tell the dtype SGLang computed them in
+            dtype_run = stored_dtype(self._hidden([([1, 2, 3, 4], 0)])[0])
         self.info = BackendInfo(
             name=name or model, backend="sglang", vocab_size=int(vocab),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), max_context=int(min(max_context or limit, limit)),
-            dtype=resolve_dtype(self.transport.dtype, config_dtype, getattr(config, "model_type", "") or ""),
-            device=f"sglang {url}" if url else "sglang engine", supports_full=False,
+            dtype=dtype_run, device=f"sglang {url}" if url else "sglang engine",
+            supports_full=self.head is not None, tail_bound=0.0 if self.head is not None else TOPK_MASS_BOUND,
+            engine_urls=(self.transport.url,) if url else (),
             kv_sessions=False)  # each extend re-sends the prefix; SGLang chunks its own prefills
 
     def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
         """Sequences of requests that share top_k and token_ids go out in one batched /generate call."""
+        if self.head is not None:
+            return [self._exact(req) for req in requests]
         if any(req.full for req in requests):
             raise UnsupportedRequest("full: SGLang returns top-k logprobs only; ask for top_k and token_ids")
         out: list[list[Any]] = [[None] * len(req.sequences) for req in requests]
@@ -183,6 +200,23 @@ class SGLangBackend(Backend):
             items = [(requests[r].sequences[i], starts[r][i]) for r, i in where]
             for (r, i), res in zip(where, self._scores(items, top_k, None if ids is None else list(ids)), strict=True):
                 out[r][i] = res
+        return out
+
+    def _exact(self, req: ScoreRequest) -> list[SequenceScores]:
+        assert self.head is not None
+        items = list(zip(req.sequences, req.starts(), strict=True))
+        return [scores_from_logprobs(self.head.logprobs(h), seq, start, req)
+                for h, (seq, start) in zip(self._hidden(items), items, strict=True)]
+
+    def _hidden(self, items: list[tuple[list[int], int]]) -> list[np.ndarray]:
+        """(L - start, H) hidden states of positions start..L-1 of each (sequence, start) item."""
+        width = self.head.hidden_size if self.head is not None else 1
+        out: list[np.ndarray] = []
+        for part in chunks([(len(seq) - start) * width for seq, start in items], ENTRY_BUDGET):
+            call = GenerateCall([seq for seq, _ in items[part]], [start for _, start in items[part]], 0, None,
+                                return_hidden_states=True)
+            for meta, (seq, start) in zip(self.transport.generate(call), items[part], strict=True):
+                out.append(hidden_rows(meta, len(seq), start))
         return out
 
     def _scores(self, items: list[tuple[list[int], int]], top_k: int,
@@ -205,7 +239,7 @@ class SGLangBackend(Backend):
         grown = [state.prefixes[r] + list(t) for r, t in zip(rows, tokens, strict=True)]
         if all_positions:  # positions old length .. L-1: the distributions after each new token
             starts = [len(state.prefixes[r]) for r in rows]
-            step = _stacked(self._scores(list(zip(grown, starts, strict=True)), top_k, None))
+            step = self._step(list(zip(grown, starts, strict=True)), top_k)
         else:
             step = self._last(grown, top_k)
         for r, prefix in zip(rows, grown, strict=True):  # only once SGLang has answered
@@ -218,10 +252,27 @@ class SGLangBackend(Backend):
         That returns only the null input entry plus output_top_logprobs[0]; and as radix-cache reuse is
         capped at the start, up to L - 1 tokens are reused: everything the previous step sent.
         """
-        return _stacked(self._scores([(seq, len(seq) - 1) for seq in seqs], top_k, None))
+        return self._step([(seq, len(seq) - 1) for seq in seqs], top_k)
+
+    def _step(self, items: list[tuple[list[int], int]], top_k: int) -> StepArrays:
+        if self.head is None:
+            return _stacked(self._scores(items, top_k, None))
+        top_ids, top_lp, tail = topk_with_tail(self.head.logprobs(np.concatenate(self._hidden(items))), top_k)
+        return StepArrays(top_ids=top_ids.int().numpy(), top_logprobs=top_lp.numpy(), tail_logprob=tail.numpy())
 
     def close(self) -> None:
         self.transport.close()
+
+
+def hidden_rows(meta: MetaInfo, length: int, start: int) -> np.ndarray:
+    """Positions start..L-1 of the prefill's hidden rows, which cover the computed positions cached..L-1."""
+    prefill = (meta.hidden_states or [None])[0]
+    computed = length - meta.cached_tokens
+    if prefill is None or len(prefill) != computed or computed < length - start:
+        got = "no hidden states" if prefill is None else f"{len(prefill)} hidden rows"
+        raise SGLangError(f"SGLang returned {got} for a prompt of {length} tokens with {meta.cached_tokens} cached "
+                          f"and start {start}; expected {computed} rows (is chunked prefill off?)")
+    return np.asarray(prefill[computed - (length - start):], dtype=np.float32)
 
 
 def _stacked(scores: list[SequenceScores]) -> StepArrays:

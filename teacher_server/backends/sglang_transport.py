@@ -8,14 +8,16 @@ behaviour relied on here is listed, with its source file, in docs/sglang.md.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, TypeAdapter
 
-from teacher_server.backends.engine_http import connect, error_message
+from teacher_server.backends.engine_http import call, connect, error_message
 
+log = logging.getLogger("teacher_server.engine")
 Entry = tuple[float | None, int, str | None]  # [logprob, token_id, text]; a null logprob (orjson's -inf) is -inf
 Rows = list[list[Entry] | None]  # one entry list per position; null where SGLang has none (input entry 0)
 DTYPE_NAMES = {"half": "float16", "float16": "float16", "float": "float32", "float32": "float32",
@@ -36,6 +38,7 @@ class MetaInfo(BaseModel):
     output_top_logprobs: Rows = []
     input_token_ids_logprobs: Rows = []
     output_token_ids_logprobs: Rows = []
+    hidden_states: list[list[list[float]]] | None = None  # [prefill rows (computed positions) x H, decode rows...]
 
 
 class _Output(BaseModel):
@@ -60,6 +63,7 @@ class GenerateCall:
     logprob_start_len: list[int]
     top_logprobs_num: int
     token_ids_logprob: list[int] | None = None
+    return_hidden_states: bool = False
 
     def payload(self) -> dict[str, Any]:
         """The body. temperature 1.0 is explicit: output logprobs (our last position) are taken after
@@ -71,6 +75,8 @@ class GenerateCall:
             "top_logprobs_num": self.top_logprobs_num}
         if self.token_ids_logprob:
             body["token_ids_logprob"] = self.token_ids_logprob
+        if self.return_hidden_states:
+            body["return_hidden_states"] = True
         return body
 
 
@@ -93,12 +99,28 @@ def max_prompt_len(max_req_input_len: int | None, context_len: int | None = None
     return min(limits) if limits else None
 
 
+def hidden_states_served(server_info: dict[str, Any]) -> bool:
+    """Whether every prompt position's hidden state comes back: SGLang launched with
+    `--enable-return-hidden-states` (or `--return-hidden-states-mode full`) and chunked prefill off
+    (`--chunked-prefill-size -1`): a prompt split into chunks loses the rows of its middle chunks."""
+    enabled = bool(server_info.get("enable_return_hidden_states")) or \
+        server_info.get("return_hidden_states_mode") == "full"
+    chunk = server_info.get("chunked_prefill_size")
+    if enabled and chunk is not None and chunk > 0:
+        log.warning("SGLang returns hidden states but chunks prefills of over %d tokens, which drops rows: "
+                    "restart it with --chunked-prefill-size -1 for exact tails; until then the tail is rebuilt "
+                    "from the top-k", chunk)
+        return False
+    return enabled
+
+
 class Transport(Protocol):
     """How calls reach SGLang: blocking, from the scheduler's model thread."""
 
     dtype: str  # SGLang's --dtype as launched ("auto" unless set)
     max_req_input_len: int | None  # SGLang's own limit (None: it did not say)
     context_len: int | None
+    hidden_states: bool  # launched with --enable-return-hidden-states and without chunked prefill
 
     def generate(self, call: GenerateCall) -> list[MetaInfo]: ...
 
@@ -113,10 +135,10 @@ class HTTPTransport:
     """
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0,
-                 ready_timeout_s: float = 300.0) -> None:
+                 ready_timeout_s: float = 600.0) -> None:
         self.url = url.rstrip("/")
         self.client = connect(self.url, api_key, timeout_s, ready_timeout_s, "SGLang", SGLangError)
-        resp = self.client.get("/server_info")
+        resp = call(self.client, "GET", "/server_info", "SGLang")
         if resp.status_code != 200:
             hint = " (is SGLang started with --api-key? set TRB_TEACHER_SGLANG_API_KEY or --sglang-api-key-file)"
             raise SGLangError(f"SGLang /server_info answered {resp.status_code}: {error_message(resp)}"
@@ -125,12 +147,13 @@ class HTTPTransport:
         self.dtype = str(info.get("dtype") or "auto")
         self.max_req_input_len: int | None = info.get("max_req_input_len")
         self.context_len: int | None = info.get("context_length")  # the launch flag; None: the model's
+        self.hidden_states = hidden_states_served(info)
 
-    def generate(self, call: GenerateCall) -> list[MetaInfo]:
-        resp = self.client.post("/generate", json=call.payload())
+    def generate(self, request: GenerateCall) -> list[MetaInfo]:
+        resp = call(self.client, "POST", "/generate", "SGLang", json=request.payload())
         if resp.status_code != 200:
             raise SGLangError(f"SGLang /generate answered {resp.status_code}: {error_message(resp)}")
-        return _validated(resp.content, len(call.input_ids), from_json=True)
+        return _validated(resp.content, len(request.input_ids), from_json=True)
 
     def close(self) -> None:
         self.client.close()
@@ -169,6 +192,7 @@ class EngineTransport:
             return engine, manager.max_req_input_len, manager.context_len
 
         self.dtype = dtype
+        self.hidden_states = False  # the in-process Engine is built without --enable-return-hidden-states
         self.engine, self.max_req_input_len, self.context_len = self._run(build())
 
     def _run(self, coro: Any) -> Any:

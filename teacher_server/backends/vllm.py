@@ -1,4 +1,11 @@
-"""The vLLM backend: teacher logprobs from a running `vllm serve`, through `/v1/completions`.
+"""The vLLM backend: teacher logprobs from a running vLLM server, as hidden states or as top-k.
+
+Two kinds of vLLM server, told apart at startup (docs/vllm.md):
+- a **pooling runner** (`--runner pooling`, pooler task `token_embed` over ALL tokens, no activation)
+  returns the final hidden state of every position through `/pooling`; the backend projects it with
+  the checkpoint's own lm_head (`lm_head.py`): exact top-k, exact tail, full logprobs, chosen ids.
+- a **generate server** (the default) returns prompt logprobs through `/v1/completions`: the rest of
+  this docstring. Its float32 top-k cannot resolve a small tail, which is rebuilt within a bound.
 
 vLLM's prompt logprobs give, at each prompt position, the logprob of the actual next token plus the
 top-k (`prompt_logprobs = k`), never the full vocabulary and never chosen ids, so `full` and
@@ -24,6 +31,7 @@ import numpy as np
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import (
+    TOPK_MASS_BOUND,
     Backend,
     BackendInfo,
     SessionState,
@@ -31,6 +39,7 @@ from teacher_server.backends.base import (
     UnsupportedRequest,
     tail_from_top,
 )
+from teacher_server.backends.lm_head import LMHead, scores_from_hidden, stored_dtype
 from teacher_server.backends.vllm_transport import MAX_PROMPTS, HTTPTransport, Position, VLLMError
 
 DUMMY = 0  # the id appended to every sequence so that vLLM scores the position after its last token
@@ -88,32 +97,46 @@ def batches(lengths: list[int], width: int) -> Iterator[slice]:
 
 
 class VLLMBackend(Backend):
-    """Scores through vLLM. The model path is still read locally, for the tokenizer and the vocab size.
+    """Scores through vLLM. The model path is still read locally, for the tokenizer and the vocab size
+    (and, with a pooling runner, the lm_head).
 
-    `max_context` is vLLM's limit less the dummy token: vLLM refuses prompts of max_model_len tokens
-    (no room for the one generated token), so L + 1 <= max_model_len - 1. `max_top_k` is vLLM's
-    `--max-logprobs`. `api_key` is the vLLM server's --api-key.
+    `max_context` is vLLM's limit: for a generate server, less the dummy token (vLLM refuses prompts of
+    max_model_len tokens: no room for the one generated token, so L + 1 <= max_model_len - 1); a
+    pooling runner takes max_model_len. `max_top_k` is vLLM's `--max-logprobs` (generate server).
+    `api_key` is the vLLM server's --api-key; `wait_s` how long to wait for its /health.
     """
 
     def __init__(self, model: str, url: str, name: str | None = None, max_context: int | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, wait_s: float = 600.0) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
         config = AutoConfig.from_pretrained(model).get_text_config()
         vocab = int(getattr(config, "vocab_size", None) or len(tokenizer))  # vLLM's ModelConfig.get_vocab_size
-        self.transport = HTTPTransport(url, api_key=api_key)
-        limit = self.transport.max_model_len - 2
+        self.transport = HTTPTransport(url, api_key=api_key, ready_timeout_s=wait_s)
         config_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-        self.info = BackendInfo(
-            name=name or model, backend="vllm", vocab_size=vocab,
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            max_context=int(min(max_context or limit, limit)), dtype=vllm_dtype(config_dtype),
-            device=f"vllm {url}", supports_full=False, kv_sessions=False, supports_sessions=False,
-            supports_token_ids=False, max_top_k=self.transport.max_logprobs(vocab))
+        common = dict(name=name or model, backend="vllm", vocab_size=vocab,
+                      tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), device=f"vllm {url}",
+                      kv_sessions=False, supports_sessions=False, engine_urls=(self.transport.url,))
+        self.head: LMHead | None = None
+        if self.transport.pooling:
+            self.head = LMHead(model)
+            probe = self.transport.hidden_states([[0, 1, 2, 3]])[0]
+            limit = self.transport.max_model_len
+            self.info = BackendInfo(**common, max_context=int(min(max_context or limit, limit)),
+                                    dtype=self.transport.launch_dtype or stored_dtype(probe))
+        else:
+            limit = self.transport.max_model_len - 2
+            self.info = BackendInfo(**common, max_context=int(min(max_context or limit, limit)),
+                                    dtype=self.transport.launch_dtype or vllm_dtype(config_dtype),
+                                    supports_full=False, supports_token_ids=False, tail_bound=TOPK_MASS_BOUND,
+                                    max_top_k=self.transport.max_logprobs(vocab))
 
     def score(self, requests: list[ScoreRequest]) -> list[list[SequenceScores]]:
-        """Sequences of requests that share top_k go out in one batched /v1/completions call."""
+        """With a pooling runner: one /pooling call per batch, every request projected by the lm_head.
+        Else sequences of requests that share top_k go out in one batched /v1/completions call."""
+        if self.head is not None:
+            return [self._from_hidden(req) for req in requests]
         if any(req.full or req.token_ids for req in requests):  # limits.py refuses these first
             raise UnsupportedRequest("full, token_ids: vLLM returns the top-k and the actual token only")
         out: list[list[Any]] = [[None] * len(req.sequences) for req in requests]
@@ -129,6 +152,16 @@ class VLLMBackend(Backend):
             for req, rows in zip(requests, out, strict=True):
                 for res in rows:
                     res.token_logprobs = None if req.token_ids is None else np.zeros((len(res.top_ids), 0), np.float32)
+        return out
+
+    def _from_hidden(self, req: ScoreRequest) -> list[SequenceScores]:
+        assert self.head is not None
+        items = list(zip(req.sequences, req.starts(), strict=True))
+        out: list[SequenceScores] = []
+        for part in batches([len(seq) for seq, _ in items], self.head.hidden_size):
+            hidden = self.transport.hidden_states([seq for seq, _ in items[part]])
+            out += scores_from_hidden(self.head, [h[start:] for h, (_, start) in zip(hidden, items[part], strict=True)],
+                                      items[part], req)
         return out
 
     def _scores(self, items: list[tuple[list[int], int]], top_k: int) -> list[SequenceScores]:

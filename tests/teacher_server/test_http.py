@@ -171,7 +171,7 @@ def test_metrics_and_openapi(teacher: ServerProcess) -> None:
             assert spec.get("description"), f"{model}.{field} is undocumented"
 
 
-def test_api_keys_guard_every_route_but_health(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_keys_guard_every_route_but_health_and_ready(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRB_TEACHER_API_KEYS", "alice:alice-secret-1,bob:bob-secret-22")
     server = ServerProcess(tiny_model).wait_ready()
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model: Path) -> None:
@@ -28,3 +28,46 @@ def test_sigterm_drains_in_flight_requests(tiny_model: Path) -> None:
     assert results == [200]
     assert server.proc.wait(timeout=30) == 0
     server.stop()
+
+
+def _wait_listening(server: ServerProcess, timeout_s: float = 60) -> httpx.Response:
+    """The first answer to /ready, as soon as the server listens."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(f"{server.url}/ready", timeout=2)
+        except httpx.TransportError:
+            assert server.proc.poll() is None, "the teacher exited instead of listening"
+            assert time.monotonic() < deadline, "the teacher did not listen while its engine starts"
+            time.sleep(0.1)
+
+
+def test_listens_while_its_engine_starts_and_sigterm_stops_it(tiny_model: Path) -> None:
+    """An engine backend waits for its engine; meanwhile the teacher answers /ready 503 with the reason
+    (JSON, no key needed), and SIGTERM stops it at once, waiting loader and all."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the engine "starts" forever
+    server = ServerProcess(tiny_model, "--backend", "vllm", "--vllm-url", dead, "--engine-wait", "600")
+    try:
+        resp = _wait_listening(server)
+        assert resp.status_code == 503 and resp.headers["retry-after"]
+        assert resp.json()["error"]["code"] == "not_ready" and "starting" in resp.json()["error"]["message"]
+        score = httpx.post(f"{server.url}/v1/score", json={"sequences": [[1, 2]]}, timeout=5)
+        assert score.status_code == 503 and score.json()["error"]["code"] == "not_ready"
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=30)
+        assert time.monotonic() - started < 15
+    finally:
+        server.stop()
+
+
+def test_an_engine_that_never_answers_fails_the_start_after_the_wait(tiny_model: Path, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    log = tmp_path / "teacher.log"
+    server = ServerProcess(tiny_model, "--backend", "vllm", "--vllm-url", dead, "--engine-wait", "3", log=log)
+    try:
+        assert _wait_listening(server).status_code == 503
+        assert server.proc.wait(timeout=60) == 1
+        assert "was not healthy after 3s (engine_wait_s)" in log.read_text()
+    finally:
+        server.stop()
