@@ -10,7 +10,11 @@ KV tokens - 1) - 5, reported by /server_info) fails its whole batch with a 400, 
 --allow-auto-truncate. Error bodies: `{"error": "..."}` for a body that breaks the schema (e.g. an
 unknown `sampling_params` key) or a missing API key, `{"error": {"message": ...}}` for a refused
 request. `--api-key` guards every route but /health* and /ready; /health answers 503 for its first
-`--starting-health-calls` calls, as while SGLang starts.
+`--starting-health-calls` calls, as while SGLang starts. Hidden states (`return_hidden_states: true`)
+are refused unless launched with `--enable-return-hidden-states`; then `meta_info.hidden_states[0]` holds
+one row (the final norm's output, the lm_head's input) per position the prefill computed, positions
+cached_tokens..L-1, then one row per later decode step. /server_info reports the flag and
+`chunked_prefill_size` (the fake never chunks; a real SGLang drops middle chunks' rows).
 
 It is stricter than SGLang in one way: any `sampling_params` key other than max_new_tokens and
 temperature is a 400 (SGLang's answer to unknown keys), so a backend that starts sending e.g. top_p
@@ -55,6 +59,8 @@ class Options:
     preferred_sampling_params: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"
     starting_health_calls: int = 0
+    enable_return_hidden_states: bool = False
+    chunked_prefill_size: int = 8192
 
 
 def _lp(x: float) -> float | None:
@@ -127,6 +133,11 @@ class FakeSGLang:
         logits = self.model(torch.tensor([ids])).logits[0].float()
         return (logits / temperature).log_softmax(-1)
 
+    @torch.inference_mode()
+    def hidden(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), H) final hidden states (after the final norm), as SGLang's logits processor sees them."""
+        return self.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].float()
+
     def item(self, ids: Any, sp: Any, s: int, k: int, token_ids: list[int] | None) -> dict[str, Any]:
         """One batch item, validated first: a bad item fails the whole batch, as in SGLang."""
         sent = sp  # logged as sent, before the preferred sampling params are merged in
@@ -156,11 +167,13 @@ class FakeSGLang:
         return dict(ids=ids, L=L, s=s, k=k, n_new=n_new, temperature=temperature, token_ids=token_ids,
                     sampling_params=sent)
 
-    def run(self, it: dict[str, Any], return_logprob: bool) -> dict[str, Any]:
+    def run(self, it: dict[str, Any], return_logprob: bool, return_hidden: bool = False) -> dict[str, Any]:
         ids, L, s, k, token_ids = it["ids"], it["L"], it["s"], it["k"], it["token_ids"]
         cached = min(self.cache.match(ids), L - 1, s if return_logprob else L - 1)
         lp_L_V = self.logprobs(ids)  # prompt logprobs are raw: no temperature
         meta: dict[str, Any] = {"prompt_tokens": L, "cached_tokens": cached}
+        if return_hidden:  # the computed positions only: a radix-cache hit is not recomputed
+            meta["hidden_states"] = [self.hidden(ids)[cached:].tolist()]
         if return_logprob:
             rows = range(s, L)  # entry i is about token s + i; its distribution is row s + i - 1
             last = self.config_vocab - 1  # SGLang's logprob result processor reports ids >= last as 0
@@ -172,6 +185,8 @@ class FakeSGLang:
                 meta["input_token_ids_logprobs"] = [None if p == s else _by_ids(lp_L_V[p - 1], token_ids)
                                                     for p in rows]
         output = self.generate(ids, it, meta, return_logprob)
+        if return_hidden and len(output) > 1:  # decode steps: one row each (the first token needs none)
+            meta["hidden_states"] += self.hidden(ids + output[:-1])[L:].tolist()
         self.cache.insert(ids + output)
         meta.update(completion_tokens=len(output), finish_reason={"type": "length", "length": it["n_new"]})
         self.log.append({"prompt_tokens": L, "cached_tokens": cached, "logprob_start_len": s,
@@ -224,8 +239,12 @@ def generate_response(fake: FakeSGLang, body: dict[str, Any]) -> Any:
     ks = _per_item(body.get("top_logprobs_num"), n, 0)
     token_ids = _per_item(body.get("token_ids_logprob"), n, None, is_list=True)
     ret = _per_item(body.get("return_logprob"), n, False)
+    hidden = bool(body.get("return_hidden_states"))
+    if hidden and not fake.options.enable_return_hidden_states:
+        raise BadRequest("The server is not configured to return the hidden states. Please set "
+                         "`--enable-return-hidden-states` to enable this feature.")
     checked = [fake.item(*args) for args in zip(items, sps, starts, ks, token_ids, strict=True)]
-    outs = [fake.run(it, bool(r)) for it, r in zip(checked, ret, strict=True)]
+    outs = [fake.run(it, bool(r), hidden) for it, r in zip(checked, ret, strict=True)]
     return outs if batch else outs[0]
 
 
@@ -268,7 +287,9 @@ def create_app(fake: FakeSGLang) -> FastAPI:
         o = fake.options
         return {"model_path": fake.model_dir, "dtype": o.dtype, "context_length": o.context_length,
                 "allow_auto_truncate": o.allow_auto_truncate, "max_total_num_tokens": o.max_total_tokens,
-                "max_req_input_len": fake.max_req_input_len, "version": "0.5.23-fake"}
+                "max_req_input_len": fake.max_req_input_len, "version": "0.5.23-fake",
+                "enable_return_hidden_states": o.enable_return_hidden_states,
+                "chunked_prefill_size": o.chunked_prefill_size}
 
     @app.post("/flush_cache")
     async def flush_cache() -> dict[str, str]:
@@ -299,12 +320,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="Reported by /server_info only; the fake runs float32.")
     parser.add_argument("--starting-health-calls", type=int, default=0,
                         help="Answer 503 to this many /health calls first, as SGLang does while starting.")
+    parser.add_argument("--enable-return-hidden-states", action="store_true")
+    parser.add_argument("--chunked-prefill-size", type=int, default=8192)
     args = parser.parse_args()
     torch.set_num_threads(1)
     import uvicorn
 
     options = Options(args.context_length, args.max_total_tokens, args.allow_auto_truncate, args.api_key,
-                      args.preferred_sampling_params, args.dtype, args.starting_health_calls)
+                      args.preferred_sampling_params, args.dtype, args.starting_health_calls,
+                      args.enable_return_hidden_states, args.chunked_prefill_size)
     uvicorn.run(create_app(FakeSGLang(args.model, options)), host=args.host, port=args.port, log_level="warning")
 
 

@@ -13,6 +13,14 @@ prompt logprobs is refused. Errors: `{"error": {"message", "type", "param", "cod
 status equal to `code`; `--api-key` guards /v1 (and /v2, /inference) with `401 {"error": "Unauthorized"}`,
 never /health. `GET /v1/models` lists the served name with its `max_model_len`.
 
+With `--runner pooling` it is a pooling runner instead (`--runner pooling --convert embed` with the pooler
+task `token_embed` over ALL tokens, activation off): `POST /pooling {"model", "input": [ids] | [[ids], ...],
+"task": "token_embed", "use_activation": false, "encoding_format": "float" | "base64", "embed_dtype":
+"float32", "endianness": "little"}` answers `data[i] = {"index": i, "object": "pooling", "data": ...}` with
+the (L, H) final hidden states of prompt i (a nested list, or base64 of little-endian float32); a pooling
+runner answers /v1/completions 404, a generate server /pooling 404. `use_activation: true` L2-normalises
+each row, as vLLM's token_embed pooler does.
+
 It is stricter than vLLM in one way: a body key it does not model is a 400 (vLLM ignores unknown keys
 with a log warning), so a misspelt key from the backend fails here instead of silently passing.
 
@@ -23,6 +31,7 @@ with a log warning), so a misspelt key from the backend fails here instead of si
 from __future__ import annotations
 
 import argparse
+import base64
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")
 MAX_PROMPTS = 1024
 KNOWN_KEYS = {"model", "prompt", "max_tokens", "prompt_logprobs", "temperature", "stream", "n", "echo", "logprobs"}
+POOLING_KEYS = {"model", "input", "task", "use_activation", "encoding_format", "embed_dtype", "endianness"}
 
 
 class ApiError(ValueError):
@@ -60,6 +70,7 @@ class Options:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_logprobs: int = 20
     api_key: str | None = None
+    runner: str = "generate"  # or "pooling"
 
 
 class FakeVLLM:
@@ -75,6 +86,38 @@ class FakeVLLM:
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         """(len(ids), V) float32 next-token logprobs after ids[:1] .. ids[:L] (raw: no temperature)."""
         return self.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+    @torch.inference_mode()
+    def pooling(self, body: dict[str, Any]) -> dict[str, Any]:
+        """token_embed over ALL tokens: every position's final hidden state (after the final norm)."""
+        if unknown := set(body) - POOLING_KEYS:
+            raise ApiError(f"fake vLLM: unmodelled key {sorted(unknown)[0]!r}")
+        if body.get("task") != "token_embed":
+            raise ApiError(f"Unsupported task: {body.get('task')!r}", "task")
+        if body.get("embed_dtype", "float32") != "float32" or body.get("endianness", "native") not in ("little",
+                                                                                                        "native"):
+            raise ApiError("fake vLLM: only float32, little-endian is modelled", "embed_dtype")
+        prompt = body.get("input")
+        prompts = [prompt] if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else prompt
+        if not isinstance(prompts, list) or not all(isinstance(p, list) and p for p in prompts):
+            raise ApiError("fake vLLM: input must be token ids, [ids] or [[ids], ...], non-empty", "input")
+        data = []
+        for i, ids in enumerate(prompts):
+            if len(ids) > self.max_model_len:
+                raise ApiError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                               f"request has {len(ids)} input tokens. Please reduce the length of the input.",
+                               "input_tokens", len(ids))
+            h = self.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].float()
+            if body.get("use_activation", True):
+                h = torch.nn.functional.normalize(h, dim=-1)
+            out = base64.b64encode(h.numpy().astype("<f4").tobytes()).decode() \
+                if body.get("encoding_format", "float") == "base64" else h.tolist()
+            data.append({"index": i, "object": "pooling", "data": out})
+            self.log.append({"prompt_tokens": len(ids), "pooling": True, "keys": sorted(body)})
+        n = sum(len(p) for p in prompts)
+        return {"id": "pool-fake", "object": "list", "created": int(time.time()),
+                "model": self.options.served_model_name, "data": data,
+                "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}}
 
     def entry(self, lp_V: torch.Tensor, actual: int, k: int) -> dict[str, dict[str, Any]]:
         """One position, built like vLLM's append_logprobs_for_next_position (a dict: duplicates merge)."""
@@ -158,16 +201,24 @@ def create_app(fake: FakeVLLM) -> FastAPI:
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
         return await call_next(request)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> JSONResponse:
+    async def answer(request: Request, handler: Any) -> JSONResponse:
         try:
             body = await request.json()
         except ValueError:
             return ApiError("Bad Request").response()
         try:
-            return JSONResponse(fake.completions(body))
+            return JSONResponse(handler(body))
         except ApiError as exc:
             return exc.response()
+
+    if fake.options.runner == "pooling":
+        @app.post("/pooling")
+        async def pooling(request: Request) -> JSONResponse:
+            return await answer(request, fake.pooling)
+    else:
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> JSONResponse:
+            return await answer(request, fake.completions)
 
     @app.get("/health")
     async def health() -> Response:
@@ -195,11 +246,13 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--runner", default="generate", choices=["generate", "pooling"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     import uvicorn
 
-    options = Options(args.served_model_name or args.model, args.max_model_len, args.max_logprobs, args.api_key)
+    options = Options(args.served_model_name or args.model, args.max_model_len, args.max_logprobs, args.api_key,
+                      args.runner)
     uvicorn.run(create_app(FakeVLLM(args.model, options)), host=args.host, port=args.port, log_level="warning")
 
 

@@ -375,3 +375,66 @@ def test_fake_reports_the_last_id_as_zero(fake: FakeSGLang) -> None:
     assert [e[1] for e in meta["input_token_logprobs"]] == [0, 1, 0, 46]
     exact = [row[0][0] for row in meta["input_token_ids_logprobs"][1:]]  # the logprobs of LAST, at p = 1, 2, 3
     assert meta["input_token_logprobs"][2][0] == pytest.approx(exact[1])  # the value is the true token's
+
+
+# ---- the exact path: hidden states projected by the checkpoint's lm_head -------------------------
+@pytest.fixture(scope="module")
+def hidden_fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSGLang]:
+    server = FakeSGLang(tiny_model, tmp_path_factory.mktemp("logs") / "fake_sglang_hidden.log",
+                        "--context-length", str(CONTEXT), "--enable-return-hidden-states", "--chunked-prefill-size", "-1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def exact_teacher(hidden_fake: FakeSGLang, tiny_model: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = ServerProcess(tiny_model, "--backend", "sglang", "--sglang-url", hidden_fake.url, "--allow-full",
+                           "--max-full-values", "100000", log=tmp_path_factory.mktemp("logs") / "exact.log")
+    yield server.wait_ready(120)
+    server.stop()
+
+
+def test_hidden_states_give_exact_scores(exact_teacher: ServerProcess, teacher: ServerProcess) -> None:
+    info = httpx.get(f"{exact_teacher.url}/v1/model").json()
+    assert info["tail"] == "exact" and info["tail_bound"] == 0 and info["full_logprobs"] and info["sessions"]
+    assert info["dtype"] == "float32"  # read off the hidden states' bits: the fake runs float32
+    body = {"sequences": SEQS, "start": [3, 0, 1, 0], "top_k": 10, "token_ids": [1, 5, LAST], "full": True}
+    ours, ref = scores(exact_teacher.url, body), scores(teacher.url, body)
+    assert ours.tail == "exact" and ours.tail_bound == 0
+    for a, b in zip(ours.results, ref.results, strict=True):
+        assert np.array_equal(a.top_ids, b.top_ids)
+        for name in ("top_logprobs", "tail_logprob", "next_token_logprobs", "token_logprobs", "logprobs"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_hidden_state_sessions_match_hf(exact_teacher: ServerProcess, teacher: ServerProcess,
+                                       hidden_fake: FakeSGLang) -> None:
+    """Per-token extends and all-position extends: the radix cache still serves the prefix (only the new
+    tokens' rows come back), and the projected top-k and tails equal the hf teacher's."""
+    servers, seen = (exact_teacher, teacher), len(hidden_fake.requests())
+    ids = _sessions(servers, [[1, 5, 6], [2, 7, 8, 9]])
+    worst = 0.0
+    for t, all_positions in enumerate([False, True, False, True]):
+        body = {"tokens": [[4 + t, 9], [30 + t]], "rows": [0, 1], "all_positions": all_positions}
+        worst = max(worst, _extend_both(servers, ids, body))
+    assert worst <= 1e-5, f"max |Δ| between hidden-state and hf sessions = {worst}"
+    extends = hidden_fake.requests()[seen + 2:]
+    assert extends and all(r["prompt_tokens"] - r["cached_tokens"] <= 2 for r in extends)
+
+
+def test_hidden_states_need_the_flag_and_no_chunked_prefill() -> None:
+    from teacher_server.backends.sglang_transport import hidden_states_served
+
+    assert hidden_states_served({"enable_return_hidden_states": True, "chunked_prefill_size": -1})
+    assert hidden_states_served({"return_hidden_states_mode": "full", "chunked_prefill_size": None})
+    assert not hidden_states_served({"enable_return_hidden_states": False, "chunked_prefill_size": -1})
+    assert not hidden_states_served({"enable_return_hidden_states": True, "chunked_prefill_size": 8192})
+
+
+def test_top_k_path_says_its_tail_is_bounded(sglang_teacher: ServerProcess) -> None:
+    from teacher_server.backends.base import TOPK_MASS_BOUND
+
+    info = httpx.get(f"{sglang_teacher.url}/v1/model").json()
+    assert info["tail"] == "bounded" and info["tail_bound"] == TOPK_MASS_BOUND
+    assert scores(sglang_teacher.url, {"sequences": SEQS[:1]}).tail == "bounded"

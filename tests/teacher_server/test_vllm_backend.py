@@ -300,3 +300,45 @@ def test_settings_need_a_vllm_url_and_hide_its_key() -> None:
         ServerSettings(model="m", vllm_api_key=KEY)
     cfg = ServerSettings(model="m", backend="vllm", vllm_url="http://127.0.0.1:8001", vllm_api_key=KEY)
     assert KEY not in repr(cfg) and KEY not in str(cfg.model_dump())
+
+
+# ---- the exact path: a pooling runner's hidden states, projected by the checkpoint's lm_head -------
+@pytest.fixture(scope="module")
+def pooling_fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeVLLM]:
+    server = FakeVLLM(tiny_model, tmp_path_factory.mktemp("logs") / "fake_vllm_pooling.log", "--runner", "pooling",
+                      "--max-model-len", str(MAX_MODEL_LEN), "--api-key", KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def exact_teacher(pooling_fake: FakeVLLM, tiny_model: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    logs = tmp_path_factory.mktemp("logs")
+    (key_file := logs / "vllm.key").write_text(KEY + "\n")
+    server = ServerProcess(tiny_model, "--backend", "vllm", "--vllm-url", pooling_fake.url, "--vllm-api-key-file",
+                           str(key_file), "--allow-full", "--max-full-values", "100000", log=logs / "exact.log")
+    yield server.wait_ready(120)
+    server.stop()
+
+
+def test_a_pooling_runner_gives_exact_scores(exact_teacher: ServerProcess, teacher: ServerProcess) -> None:
+    info = httpx.get(f"{exact_teacher.url}/v1/model").json()
+    assert info["tail"] == "exact" and info["tail_bound"] == 0 and info["full_logprobs"] and info["token_ids"]
+    assert info["sessions"] is False and info["dtype"] == "float32"  # read off the hidden states' bits
+    assert info["max_context"] == MAX_MODEL_LEN  # no generated token, no dummy id
+    body = {"sequences": SEQS, "start": [3, 0, 1, 0], "top_k": 10, "token_ids": [1, 5, 47], "full": True}
+    ours, ref = scores(exact_teacher.url, body), scores(teacher.url, body)
+    assert ours.tail == "exact"
+    for a, b in zip(ours.results, ref.results, strict=True):
+        assert np.array_equal(a.top_ids, b.top_ids)
+        for name in ("top_logprobs", "tail_logprob", "next_token_logprobs", "token_logprobs", "logprobs"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_a_generate_server_says_its_tail_is_bounded(vllm_teacher: ServerProcess) -> None:
+    from teacher_server.backends.base import TOPK_MASS_BOUND
+
+    info = httpx.get(f"{vllm_teacher.url}/v1/model").json()
+    assert info["tail"] == "bounded" and info["tail_bound"] == TOPK_MASS_BOUND and info["sessions"] is False
+    assert scores(vllm_teacher.url, {"sequences": SEQS[:1], "top_k": 3}).tail == "bounded"
