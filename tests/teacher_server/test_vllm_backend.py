@@ -43,9 +43,9 @@ CAP = 12  # the fake's --max-logprobs
 class FakeVLLM:
     """`python tests/fake_vllm.py` as a child process with one torch thread."""
 
-    def __init__(self, model: Path, log: Path, *extra: str) -> None:
-        self.url = f"http://127.0.0.1:{(port := free_port())}"
-        self._log = open(log, "w")
+    def __init__(self, model: Path, log: Path, *extra: str, port: int | None = None) -> None:
+        self.url = f"http://127.0.0.1:{(port := port or free_port())}"
+        self._log = open(log, "a")
         self.proc = subprocess.Popen(
             [sys.executable, str(FAKE), "--model", str(model), "--port", str(port), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -342,3 +342,43 @@ def test_a_generate_server_says_its_tail_is_bounded(vllm_teacher: ServerProcess)
     info = httpx.get(f"{vllm_teacher.url}/v1/model").json()
     assert info["tail"] == "bounded" and info["tail_bound"] == TOPK_MASS_BOUND and info["sessions"] is False
     assert scores(vllm_teacher.url, {"sequences": SEQS[:1], "top_k": 3}).tail == "bounded"
+
+
+def test_an_engine_restart_is_a_503_and_the_client_rides_it_out(tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM dies under a running teacher: requests get 503 `engine_unavailable` (JSON), /ready turns 503;
+    a client with retry_for_s keeps retrying until the engine is back on its port, then gets its answer."""
+    port = free_port()
+    engine = FakeVLLM(tiny_model, tmp_path / "engine.log", port=port)
+    server = ServerProcess(tiny_model, "--backend", "vllm", "--vllm-url", engine.url, log=tmp_path / "teacher.log")
+    try:
+        server.wait_ready(120)
+        assert post(server.url, "/v1/score", {"sequences": SEQS[:1], "top_k": 3}).status_code == 200
+        engine.stop()
+        resp = post(server.url, "/v1/score", {"sequences": SEQS[:1], "top_k": 3})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable", resp.text
+        ready = httpx.get(f"{server.url}/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "engine_unavailable"
+
+        async def score_through_the_outage() -> float:
+            async with TeacherClient(server.url, retries=0, retry_for_s=120.0) as client:
+                started = time.monotonic()
+                await client.score([SEQS[0]], top_k=3)
+                return time.monotonic() - started
+
+        async def restart_later() -> None:
+            await asyncio.sleep(2.0)
+            nonlocal engine
+            engine = FakeVLLM(tiny_model, tmp_path / "engine.log", port=port)
+
+        async def both() -> float:
+            waited, _ = await asyncio.gather(score_through_the_outage(), restart_later())
+            return waited
+
+        assert asyncio.run(both()) >= 2.0  # answered only once the engine was back
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/ready").status_code != 200:
+            assert time.monotonic() < deadline, "/ready did not turn 200 once the engine answered again"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+        engine.stop()
