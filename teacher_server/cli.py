@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                        "server; or set TRB_TEACHER_SGLANG_API_KEY.")
     serve.add_argument("--vllm-url", default=None, help="`vllm serve` for --backend vllm, e.g. "
                        "http://127.0.0.1:8001 (--model is still read for the tokenizer).")
+    serve.add_argument("--vllm-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                       help="The --dtype vLLM was started with (no vLLM generate route reports it; a pooling runner's "
+                       "is read off its hidden states).")
     serve.add_argument("--vllm-api-key-file", default=None, help="File holding the --api-key of the vLLM server; "
                        "or set TRB_TEACHER_VLLM_API_KEY.")
     serve.add_argument("--engine-wait", type=float, default=None, dest="engine_wait_s",

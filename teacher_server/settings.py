@@ -21,6 +21,10 @@ class ServerSettings(BaseSettings):
     sglang_api_key_file: str | None = Field(None, description="A file holding that key (surrounding whitespace "
                                             "is dropped).")
     vllm_url: str | None = Field(None, description="URL of a running `vllm serve` (backend vllm).")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The --dtype vLLM was started with. auto: read off a pooling runner's hidden states, "
+        "or /server_info (VLLM_SERVER_DEV_MODE=1); else assumed as vLLM's --dtype auto picks (float32 -> bfloat16), "
+        "with a warning: no other vLLM route reports it.")
     vllm_api_key: SecretStr | None = Field(None, description="The --api-key of the vLLM server, sent as a Bearer "
                                            "token (prefer vllm_api_key_file).")
     vllm_api_key_file: str | None = Field(None, description="A file holding that key (surrounding whitespace is "

@@ -162,7 +162,7 @@ class FakeVLLM:
                                "prompt_logprobs", asked)
         for p in prompts:
             if max(p) > self.vocab - 1:
-                raise ApiError(f"Token id {max(p)} is out of vocabulary", "prompt")
+                raise ApiError(f"Token id {max(p)} is out of vocabulary")  # vLLM names no param here
             if len(p) > self.max_model_len:
                 raise ApiError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                                f"prompt contains {len(p)} input tokens, which exceeds this limit even without any "

@@ -93,9 +93,10 @@ class Backend(ABC):
 
 
 # How far 1 - sum(exp(top)) of an engine's float32 top-k may sit from the true tail mass: its log-softmax
-# rounds each logprob to within a few float32 ulps of the log-normaliser, so the summed mass carries an
-# error of that size (measured on real SGLang and vLLM: docs/engines.md). Below it the tail is unresolvable.
-TOPK_MASS_BOUND = 1e-5
+# rounds each logprob to about one float32 ulp of the log-normaliser, so the summed mass carries an error
+# of that size. Measured on real vLLM 0.32, float32, the shipped teacher (2,121 positions): |1 - sum of all
+# 79 exp(logprob)| at most 5.2e-7 (docs/engines.md). Below this bound the tail is unresolvable.
+TOPK_MASS_BOUND = 1e-6
 
 
 def tail_from_top(top_lp_N_K: np.ndarray, bound: float = TOPK_MASS_BOUND) -> np.ndarray:

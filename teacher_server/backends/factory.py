@@ -32,5 +32,6 @@ def load_backend(cfg: ServerSettings) -> Backend:
 
         key = cfg.vllm_api_key.get_secret_value() if cfg.vllm_api_key else None
         return VLLMBackend(cfg.model, url=cfg.vllm_url or "", name=cfg.served_name, max_context=cfg.max_context,
-                           api_key=load_secret(key, cfg.vllm_api_key_file, "vLLM API key"), wait_s=cfg.engine_wait_s)
+                           api_key=load_secret(key, cfg.vllm_api_key_file, "vLLM API key"), wait_s=cfg.engine_wait_s,
+                           dtype=cfg.vllm_dtype)
     raise ValueError(f"unknown backend {cfg.backend!r}")

@@ -23,6 +23,7 @@ after the whole prompt, so the backend appends one dummy id (DUMMY) and sends L 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ from teacher_server.backends.base import (
 from teacher_server.backends.lm_head import LMHead, scores_from_hidden, stored_dtype
 from teacher_server.backends.vllm_transport import MAX_PROMPTS, HTTPTransport, Position, VLLMError
 
+log = logging.getLogger("teacher_server.engine")
 DUMMY = 0  # the id appended to every sequence so that vLLM scores the position after its last token
 NEG_INF_AS = -9999.0  # vLLM writes -inf prompt logprobs as this (JSON has no -inf)
 ENTRY_BUDGET = 1 << 20  # positions x returned logprobs per call: bounds vLLM's detokenizing and our JSON
@@ -107,7 +109,7 @@ class VLLMBackend(Backend):
     """
 
     def __init__(self, model: str, url: str, name: str | None = None, max_context: int | None = None,
-                 api_key: str | None = None, wait_s: float = 600.0) -> None:
+                 api_key: str | None = None, wait_s: float = 600.0, dtype: str = "auto") -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -123,12 +125,18 @@ class VLLMBackend(Backend):
             self.head = LMHead(model)
             probe = self.transport.hidden_states([[0, 1, 2, 3]])[0]
             limit = self.transport.max_model_len
-            self.info = BackendInfo(**common, max_context=int(min(max_context or limit, limit)),
-                                    dtype=self.transport.launch_dtype or stored_dtype(probe))
+            found = self.transport.launch_dtype or stored_dtype(probe)
+            if dtype not in ("auto", found):
+                raise VLLMError(f"--vllm-dtype {dtype}, but vLLM's hidden states are {found}")
+            self.info = BackendInfo(**common, max_context=int(min(max_context or limit, limit)), dtype=found)
         else:
             limit = self.transport.max_model_len - 2
+            said = None if dtype == "auto" else dtype
+            if not (said or self.transport.launch_dtype):
+                log.warning("vLLM does not report its dtype; assuming %s (what --dtype auto picks for this "
+                            "checkpoint); state it with --vllm-dtype", vllm_dtype(config_dtype))
             self.info = BackendInfo(**common, max_context=int(min(max_context or limit, limit)),
-                                    dtype=self.transport.launch_dtype or vllm_dtype(config_dtype),
+                                    dtype=said or self.transport.launch_dtype or vllm_dtype(config_dtype),
                                     supports_full=False, supports_token_ids=False, tail_bound=TOPK_MASS_BOUND,
                                     max_top_k=self.transport.max_logprobs(vocab))
 
