@@ -1,0 +1,164 @@
+"""What our teacher costs in front of a real engine: the same top-20 work through /v1/score vs sent straight
+to the engine's own HTTP API, alternating in one run.
+
+The work: 32 arithmetic sequences (about 1,100 tokens), the top-20 at every position. Straight to the engine
+that is vLLM's `/v1/completions` with `prompt_logprobs: 20` (what a vLLM user sends for it) and SGLang's
+`/generate` with `top_logprobs_num: 20` from position 0. Through our teacher, /v1/score (msgpack), which
+talks to a vLLM generate server, a vLLM pooling runner (hidden states, exact), or SGLang with hidden states.
+Engines come from the venvs of scripts/engines/*.sh; an engine whose venv is missing is left out.
+
+    .venv/bin/python -m bench.bench_engine_proxy [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from bench.common import REPO, Section, base_parser, limit_threads, machine_info, report, spread
+from shared import codec
+from shared.protocol import ScoreRequest
+from student_trainer.local_teacher import LocalTeacher, free_port
+from student_trainer.tasks import arithmetic
+
+sys.path.insert(0, str(REPO / "tests" / "engines"))
+import sglang_engine  # noqa: E402
+import vllm_engine  # noqa: E402
+
+MODEL = "models/arith-teacher"
+TOP_K = 20
+TARGET = "<= 1.15"
+
+
+def sequences() -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(REPO / MODEL)
+    return [tok(p.prompt + p.solution, add_special_tokens=False)["input_ids"]
+            for p in arithmetic.generate(32, seed=11, split="train")]
+
+
+def wait_healthy(url: str, proc, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the engine at {url} exited with {proc.returncode}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the engine at {url} did not start")
+
+
+def alternate(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Each call once per round, in turn, after one warm-up round; wall seconds per call."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds + 1):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            if r:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def post(client: httpx.Client, path: str, **kw) -> None:
+    resp = client.post(path, **kw)
+    resp.raise_for_status()
+    resp.read()
+
+
+def teacher_call(client: httpx.Client, seqs: list[list[int]]) -> Callable[[], None]:
+    body = codec.encode(ScoreRequest(sequences=seqs, top_k=TOP_K), codec.MSGPACK)
+    headers = {"content-type": codec.MSGPACK, "accept": codec.MSGPACK}
+    return lambda: post(client, "/v1/score", content=body, headers=headers)
+
+
+class Engine:
+    """An engine of a launcher module on a free port, and a teacher in front of it."""
+
+    def __init__(self, module, name: str, logs: Path, **kw) -> None:
+        self.module, self.port = module, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = module.launch(MODEL, self.port, log_path=logs / f"{name}.log", **kw)
+        self.teacher: LocalTeacher | None = None
+
+    def front(self, backend: str, *extra: str) -> str:
+        wait_healthy(self.url, self.proc)
+        self.teacher = LocalTeacher(MODEL, "--backend", backend, f"--{backend}-url", self.url, *extra,
+                                    threads=1).wait_ready(900)
+        return self.teacher.url
+
+    def stop(self) -> None:
+        if self.teacher is not None:
+            self.teacher.stop()
+        self.module.stop(self.proc)
+
+
+def add_rows(section: Section, times: dict[str, list[float]], baseline: str) -> None:
+    base = statistics.median(times[baseline])
+    for name, ts in times.items():
+        if name != baseline:
+            section.add(f"{name} / {baseline}", f"{spread(ts)} vs {spread(times[baseline])}",
+                        statistics.median(ts) / base, TARGET if name.startswith("teacher") else "")
+
+
+def run(threads: int = 1, quick: bool = False) -> Section:
+    limit_threads(threads)
+    rounds = 3 if quick else 15
+    seqs = sequences()
+    tokens = sum(map(len, seqs))
+    section = Section(f"7. The teacher in front of a real engine: top-{TOP_K} of {len(seqs)} sequences ({tokens} "
+                      "tokens)", f"Medians of {rounds} alternating rounds; engines float32 on this CPU, each from "
+                      "its own venv; `engine directly` is vLLM's /v1/completions (prompt_logprobs 20) or SGLang's "
+                      "/generate (top_logprobs_num 20).")
+    logs = REPO / "runs" / "bench-engine-proxy"
+    logs.mkdir(parents=True, exist_ok=True)
+    completions = {"model": MODEL, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": TOP_K}
+    generate = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+                "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": TOP_K}
+    if vllm_engine.venv_python() is None:
+        section.add("vLLM: venv missing (scripts/engines/vllm.sh)", "-")
+    else:
+        gen, pool = Engine(vllm_engine, "vllm-generate", logs), Engine(vllm_engine, "vllm-pooling", logs, runner="hidden")
+        try:
+            a, b = gen.front("vllm", "--vllm-dtype", "float32"), pool.front("vllm")
+            with httpx.Client(base_url=gen.url, timeout=600) as direct, \
+                    httpx.Client(base_url=a, timeout=600) as ta, httpx.Client(base_url=b, timeout=600) as tb:
+                times = alternate({"vLLM /v1/completions": lambda: post(direct, "/v1/completions", json=completions),
+                                   "teacher on a vLLM generate server": teacher_call(ta, seqs),
+                                   "teacher on a vLLM pooling runner (exact)": teacher_call(tb, seqs)}, rounds)
+            add_rows(section, times, "vLLM /v1/completions")
+        finally:
+            gen.stop()
+            pool.stop()
+    if sglang_engine.venv_python() is None:
+        section.add("SGLang: venv missing (scripts/engines/sglang.sh)", "-")
+    else:
+        sgl = Engine(sglang_engine, "sglang", logs)
+        try:
+            url = sgl.front("sglang")
+            with httpx.Client(base_url=sgl.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t:
+                times = alternate({"SGLang /generate": lambda: post(direct, "/generate", json=generate),
+                                   "teacher on SGLang, hidden states (exact)": teacher_call(t, seqs)}, rounds)
+            add_rows(section, times, "SGLang /generate")
+        finally:
+            sgl.stop()
+    return section
+
+
+def main() -> None:
+    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    info = machine_info(args.threads)
+    print(report([run(args.threads, args.quick)], info))
+
+
+if __name__ == "__main__":
+    main()
