@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -204,17 +205,39 @@ def worker_pid(server_pid: int) -> int | None:
     return None
 
 
-def rss_mb(pid: int | None) -> float:
+def rss_mb(pid: int | None) -> float | None:
+    """The process's RSS, or None when there is none to read (e.g. the worker is being restarted)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError):
         pass
-    return float("nan")
+    return None
 
 
-async def sample_rss(server_pid: int, every: float, stop: float, out: list[tuple[float, float, float]]) -> None:
+def figure(x: float | None, digits: int | None = None) -> float | int | None:
+    """A figure for the summary: rounded, or None (JSON null) for a sample that is missing or NaN, so
+    that a gap in a series (a worker between restarts, a client that never got an answer) cannot
+    cost the summary of a run that is otherwise over."""
+    if x is None or not math.isfinite(x):
+        return None
+    return round(x, digits) if digits is not None else round(x)
+
+
+def latency_ms(xs: list[float]) -> list[float | int | None]:
+    """[p50 ms, p99 ms, count] of a client's latencies; the quantiles are None when it has none."""
+    if not xs:
+        return [None, None, 0]
+    return [figure(1e3 * quantile(xs, 0.5), 1), figure(1e3 * quantile(xs, 0.99), 1), len(xs)]
+
+
+def show(x: float | int | None, spec: str = "") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+async def sample_rss(server_pid: int, every: float, stop: float,
+                     out: list[tuple[float, float | None, float | None]]) -> None:
     started = time.monotonic()
     while True:
         out.append((time.monotonic() - started, rss_mb(server_pid), rss_mb(worker_pid(server_pid))))
@@ -265,13 +288,12 @@ def main() -> None:
     report = {"minutes": args.minutes, "answers": run.responses, "positions": positions, "mismatches": bad,
               "tie_swaps": ties, "max_abs_logprob_diff": worst, "errors": dict(run.errors),
               "faults": dict(sorted(run.outcomes.items())), "unexpected": run.unexpected, **counts,
-              "server_alive": server_alive, "latency_ms": {c: [round(1e3 * quantile(xs, 0.5), 1),
-                                                                round(1e3 * quantile(xs, 0.99), 1), len(xs)]
-                                                            for c, xs in sorted(run.rec.latency.items())},
-              "rss_mb": [(round(t), round(s), round(w)) for t, s, w in rss]}
-    print_report(report)
-    if args.json:
+              "server_alive": server_alive,
+              "latency_ms": {c: latency_ms(xs) for c, xs in sorted(run.rec.latency.items())},
+              "rss_mb": [(figure(t), figure(s), figure(w)) for t, s, w in rss]}
+    if args.json:  # first: the figures are kept even if printing them failed
         Path(args.json).write_text(json.dumps(report, indent=1))
+    print_report(report)
     sys.exit(0 if server_alive and bad == 0 and positions and not run.unexpected else 1)
 
 
@@ -286,8 +308,9 @@ def print_report(r: dict[str, Any]) -> None:
     print("client errors after retries:", r["errors"] or "none")
     print(f"{'client':<12}{'requests':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for client, (p50, p99, n) in r["latency_ms"].items():
-        print(f"{client:<12}{n:>10}{p50:>10.1f}{p99:>10.1f}")
-    print("RSS MB (s: server, worker):", "  ".join(f"{t}: {s}, {w}" for t, s, w in r["rss_mb"]))
+        print(f"{client:<12}{n:>10}{show(p50, '.1f'):>10}{show(p99, '.1f'):>10}")
+    print("RSS MB (s: server, worker; - where no process was there to read):",
+          "  ".join(f"{t}: {show(s)}, {show(w)}" for t, s, w in r["rss_mb"]))
 
 
 if __name__ == "__main__":
