@@ -6,7 +6,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from student_trainer.local_teacher import LocalTeacher, free_port  # noqa: F401  (tests import free_port)
 from student_trainer.tasks.sft import ModelShape, build_model
@@ -16,6 +18,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import make_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Float32 results of one model computed two ways (another decoder, batch layout, kernel or split of the
+# work between threads) differ by rounding, and rounding is relative: it grows with the magnitude of the
+# values summed, which for logits and logprobs is their own scale. A fixed absolute bound passes on one
+# CPU and fails on the next (1.049e-5 against 1e-5 for logits up to 16.6: ~5 float32 roundings). So
+# comparisons of model outputs allow the larger of their absolute bound (what holds near 0) and
+# F32_ULPS roundings of the compared values' largest magnitude. Why 16: the differences measured are up
+# to ~6 roundings of the scale (arith-teacher, static or Qwen3 decoder against KVDecoder, 1 or 2 threads,
+# AVX2 and AVX-512 machines), the worst case of a 128-term float32 dot product is 128, and a real error
+# (a wrong mask, position or cache entry) moves logits by 1e-2 or more.
+F32_EPS = float(torch.finfo(torch.float32).eps)  # 2**-23: one rounding of a float32, relative
+F32_ULPS = 16
+
+
+def f32_tol(scale: float, atol: float = 1e-5) -> float:
+    """The largest difference float32 rounding explains between two computations of values up to
+    `scale`: `atol`, or F32_ULPS roundings at that scale where this is more."""
+    return max(atol, F32_ULPS * F32_EPS * float(scale))
+
+
+def f32_diff(got: object, want: object, atol: float = 1e-5) -> tuple[float, float]:
+    """(max |got - want|, f32_tol at want's largest magnitude): assert diff <= tol."""
+    got_a, want_a = (np.asarray(x.detach() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+                     for x in (got, want))
+    return float(np.abs(got_a - want_a).max(initial=0.0)), f32_tol(np.abs(want_a).max(initial=0.0), atol)
 
 
 class ServerProcess(LocalTeacher):

@@ -1,12 +1,13 @@
-"""The hand-written Qwen3 step gives `KVDecoder`'s logits (float32, 1e-5): several batch sizes,
+"""The hand-written Qwen3 step gives `KVDecoder`'s logits (float32, `conftest.f32_tol`): several batch sizes,
 left-padded rows, rows that stop at different steps or sit steps out, chunks and capacity growth;
 its weights follow the live model; `make_decoder` picks it for Qwen3 on a CPU and nothing else; a
 rollout and a short training run sample the same tokens with it as with the eager decoder.
 
 The logit comparisons run on one torch thread. With more, a GEMM splits its output between threads
 by the matrix's shape, so the fused q/k/v and gate/up matrices round a few ulps differently from
-transformers' separate ones: 1.3e-5 on arith-teacher at 2 threads (logits up to 16), where
-`KVDecoder` at 1 vs 2 threads differs by 8.3e-6 from itself. `test_logits_at_two_threads` bounds that.
+transformers' separate ones: 1.3e-5 on arith-teacher at 2 threads (logits up to 16.6, ~7 roundings),
+where `KVDecoder` at 1 vs 2 threads differs by 8.3e-6 from itself. The bound scales with the logits
+(16 roundings), so it holds at either; `test_logits_at_two_threads` checks it there.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from test_static_decode import TOL, _drive, _model, _prompts, _random_qwen3
+from test_static_decode import _drive, _model, _prompts, _random_qwen3, close
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from shared.kv_decode import KVDecoder
@@ -37,8 +38,8 @@ def test_qwen3_logits_equal_eager_decoder(name, tiny_model, one_thread):
     whose capacity must grow (prompt width 9, capacity 10)."""
     model = _model(name, tiny_model)
     sized, growing = Qwen3Decoder(model, capacity=9 + 40), Qwen3Decoder(model, capacity=10)
-    worst = _drive([KVDecoder(model), sized, growing], model.config.vocab_size)
-    assert worst < TOL, worst
+    gap = _drive([KVDecoder(model), sized, growing], model.config.vocab_size)
+    assert gap.ok, gap
     assert growing.capacity > 16
 
 
@@ -50,12 +51,11 @@ def test_qwen3_logits_for_batch_sizes_and_one_token_prompts(lengths, one_thread)
     for prompt_lengths in (lengths, (1,) * len(lengths)):
         prompts = _prompts(model.config.vocab_size, prompt_lengths)
         ref, fast = KVDecoder(model), Qwen3Decoder(model, capacity=max(prompt_lengths) + 30)
-        worst = (ref.prefill(prompts) - fast.prefill(prompts)).abs().max().item()
+        assert close(fast.prefill(prompts), ref.prefill(prompts)), prompt_lengths
         rows, gen = list(range(len(prompts))), torch.Generator().manual_seed(2)
-        for _ in range(30):
+        for step in range(30):
             toks = [[int(x)] for x in torch.randint(4, model.config.vocab_size, (len(rows),), generator=gen)]
-            worst = max(worst, (ref.extend(rows, toks) - fast.extend(rows, toks)).abs().max().item())
-        assert worst < TOL, (prompt_lengths, worst)
+            assert close(fast.extend(rows, toks), ref.extend(rows, toks)), (prompt_lengths, step)
         assert fast.lengths == ref.lengths
 
 
@@ -64,7 +64,8 @@ def test_logits_at_two_threads():
     torch.set_num_threads(2)
     try:
         model = _model("arith-teacher", None)
-        assert _drive([KVDecoder(model), Qwen3Decoder(model)], model.config.vocab_size) < 2 * TOL
+        gap = _drive([KVDecoder(model), Qwen3Decoder(model)], model.config.vocab_size)
+        assert gap.ok, gap
     finally:
         torch.set_num_threads(threads)
 
@@ -76,7 +77,7 @@ def test_rows_out_of_order_get_their_own_logits(one_thread):
     ref.prefill(prompts), fast.prefill(prompts)
     a, b = ref.extend([3, 0, 2], [[5], [6], [7]]), fast.extend([3, 0, 2], [[5], [6], [7]])
     assert a.shape == b.shape == (3, model.config.vocab_size)
-    assert (a - b).abs().max().item() < TOL
+    assert close(b, a)
 
 
 def test_weights_follow_the_live_model(one_thread):
@@ -100,7 +101,7 @@ def test_weights_follow_the_live_model(one_thread):
     assert after.layer_weights is not first.layer_weights
     new = decode(KVDecoder(model))
     assert (new - old).abs().max().item() > 1e-2  # the step changed the logits ...
-    assert (decode(after) - new).abs().max().item() < TOL  # ... and the new decoder has them
+    assert close(decode(after), new)  # ... and the new decoder has them
 
 
 def test_make_decoder_picks_qwen3_on_cpu_for_qwen3_only(tiny_model):
@@ -131,4 +132,5 @@ def test_qwen3_with_attention_bias_and_untied_head(one_thread):
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    assert _drive([KVDecoder(model), Qwen3Decoder(model)], cfg.vocab_size) < TOL
+    gap = _drive([KVDecoder(model), Qwen3Decoder(model)], cfg.vocab_size)
+    assert gap.ok, gap

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import f32_diff, f32_tol
 from shared.protocol import ScoreRequest
 from teacher_server.backends.hf import HFBackend
 
@@ -34,11 +35,11 @@ def test_score_matches_direct_forward(backend: HFBackend, reference: AutoModelFo
     starts = [0, 1, 3, 0]
     req = ScoreRequest(sequences=SEQS, start=starts, top_k=7, token_ids=[3, 9, 40], full=True)
     (results,) = backend.score([req])
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     for seq, start, res in zip(SEQS, starts, results, strict=True):
         ref = direct_logprobs(reference, seq)[start:]
         assert res.logprobs.shape == ref.shape
-        worst = max(worst, float(np.abs(res.logprobs - ref).max()))
+        worst, scale = max(worst, float(np.abs(res.logprobs - ref).max())), max(scale, float(np.abs(ref).max()))
         ref_ids = np.argsort(-ref, axis=-1, kind="stable")[:, :7]
         assert np.array_equal(res.top_ids, ref_ids)
         assert np.allclose(res.top_logprobs, np.take_along_axis(ref, ref_ids, -1), atol=1e-5)
@@ -47,7 +48,7 @@ def test_score_matches_direct_forward(backend: HFBackend, reference: AutoModelFo
         assert np.allclose(res.next_token_logprobs, ref[np.arange(len(nxt)), nxt], atol=1e-5)
         mass_out = 1 - np.exp(np.take_along_axis(ref, ref_ids, -1)).sum(-1)
         assert np.allclose(np.exp(res.tail_logprob), mass_out, atol=1e-6)
-    assert worst <= 1e-5, worst
+    assert worst <= f32_tol(scale), (worst, scale)  # the whole vocabulary: rounding at its largest |logprob|
 
 
 def test_batched_requests_equal_separate_ones(backend: HFBackend) -> None:
@@ -66,7 +67,6 @@ def test_sessions_match_rescoring_full_prefixes(backend: HFBackend) -> None:
     prefixes = [[1, 5, 6], [1, 7, 8, 9, 10], [2, 20]]
     state, step = backend.open_session([list(p) for p in prefixes], top_k=5)
     rng = np.random.default_rng(0)
-    worst = 0.0
     for t in range(64):
         rows = [0, 1, 2] if t % 4 else [1, 2]  # row 0 skips some steps
         tokens = [[int(x) for x in rng.integers(4, 40, size=1 if t % 9 else 3)] for _ in rows]
@@ -77,7 +77,7 @@ def test_sessions_match_rescoring_full_prefixes(backend: HFBackend) -> None:
                                           start=[len(prefixes[r]) - 1 for r in rows], top_k=5)])[0]
         for i, res in enumerate(ref):
             assert np.array_equal(res.top_ids[0], step.top_ids[i])
-            worst = max(worst, float(np.abs(res.top_logprobs[0] - step.top_logprobs[i]).max()))
+            diff, tol = f32_diff(step.top_logprobs[i], res.top_logprobs[0])
+            assert diff <= tol, (t, diff, tol)
     assert state.lengths == [len(p) for p in prefixes]
-    assert worst <= 1e-5, worst
     assert state.nbytes > 0
