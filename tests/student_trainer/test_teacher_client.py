@@ -4,6 +4,7 @@ and load spread over replicas with a dead one routed around."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -52,7 +53,8 @@ async def test_lost_session_is_rebuilt_from_prefixes(teacher: ServerProcess) -> 
 async def test_restarted_teacher_mid_session(tiny_model: Path) -> None:
     server = ServerProcess(tiny_model).wait_ready()
     port = server.port
-    async with TeacherClient(server.url, retries=8, backoff_s=0.2) as client:
+    # retry_for_s: the restarted server answers 503 until its model is loaded, seconds on a busy machine
+    async with TeacherClient(server.url, retries=8, backoff_s=0.2, retry_for_s=120) as client:
         session = await client.open_session([[1, 5, 6]], top_k=3)
         await session.extend([[7]])
         server.stop()
@@ -122,7 +124,8 @@ async def test_a_dead_replica_is_routed_around_then_probed_back(tiny_model: Path
 
             restarted = ServerProcess(tiny_model, port=victim.port).wait_ready()
             servers[victim.url] = restarted
-            for _ in range(100):  # a /health probe after the backoff puts it back in rotation
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # a /health probe after the backoff puts it back in rotation
                 await client.score([[1, 2]], top_k=3)
                 if client.requests_per_replica()[victim.url] > before:
                     break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -10,6 +11,11 @@ from pathlib import Path
 import httpx
 
 from conftest import ServerProcess, free_port
+
+
+def _model_busy(url: str) -> bool:
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    return re.search(r"^trb_teacher_model_busy 1(\.0)?$", metrics, re.M) is not None
 
 
 def test_sigterm_drains_in_flight_requests(tiny_model: Path) -> None:
@@ -22,7 +28,11 @@ def test_sigterm_drains_in_flight_requests(tiny_model: Path) -> None:
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    time.sleep(0.3)  # the request is in flight
+    deadline = time.monotonic() + 60
+    while not _model_busy(server.url):  # the request is in flight (on a loaded machine it takes a while)
+        assert worker.is_alive(), "the request ended before the SIGTERM; lengthen it"
+        assert time.monotonic() < deadline, "the request never reached the model"
+        time.sleep(0.01)
     server.proc.send_signal(signal.SIGTERM)
     worker.join(timeout=60)
     assert results == [200]

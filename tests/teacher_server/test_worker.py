@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, f32_diff
 from shared.protocol import ScoreRequest
 from student_trainer.teacher_client import TeacherClient
 from teacher_server.backends.base import Backend
@@ -31,21 +31,28 @@ def remote(tiny_model: Path) -> Iterator[ProcessBackend]:
     backend.close()
 
 
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    """The same computation in another process: the worker runs 1 torch thread, this process any number,
+    and a GEMM split between threads rounds differently (6e-7 seen at 2 threads)."""
+    diff, tol = f32_diff(got, want, atol=1e-6)
+    assert diff <= tol, (diff, tol)
+
+
 def test_worker_answers_like_the_backend_in_process(remote: ProcessBackend, tiny_model: Path) -> None:
     local = HFBackend(str(tiny_model))
     assert remote.info == local.info
     req = ScoreRequest(sequences=[[1, 5, 9, 7], [1, 4]], start=[1, 0], top_k=5, token_ids=[3, 4])
     for a, b in zip(remote.score([req])[0], local.score([req])[0], strict=True):
         assert a.start == b.start and np.array_equal(a.top_ids, b.top_ids)
-        np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-6)
-        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-6)
+        _close(a.top_logprobs, b.top_logprobs)
+        _close(a.token_logprobs, b.token_logprobs)
 
     state, first = remote.open_session([[1, 5, 9], [1, 4]], top_k=5)
     local_state, local_first = local.open_session([[1, 5, 9], [1, 4]], top_k=5)
     assert np.array_equal(first.top_ids, local_first.top_ids)
     step = remote.extend_session(state, [1], [[6, 7]], top_k=5)
     local_step = local.extend_session(local_state, [1], [[6, 7]], top_k=5)
-    np.testing.assert_allclose(step.top_logprobs, local_step.top_logprobs, atol=1e-6)
+    _close(step.top_logprobs, local_step.top_logprobs)
     assert state.lengths == local_state.lengths == [3, 4]  # the handle follows the worker's state
     assert state.nbytes == local_state.nbytes > 0
 
@@ -72,13 +79,30 @@ def test_a_killed_worker_is_replaced_and_its_sessions_read_as_lost(remote: Proce
     state, _ = remote.open_session([[1, 5, 9]], top_k=3)
     old_pid = remote.pid
     os.kill(old_pid, signal.SIGKILL)
-    time.sleep(0.2)
+    _wait_dead(old_pid)
     # killed while idle: the next call finds it dead, replaces it and runs on the new one (no 503,
     # and no WorkerCrashed: the quarantine must not blame a call for a death before it was sent)
     assert remote.score([ScoreRequest(sequences=[[1, 2]])])[0][0].top_ids.shape == (2, 20)
     assert remote.pid != old_pid and remote.restarts == 1
     with pytest.raises(SessionLost):
         remote.extend_session(state, [0], [[4]], top_k=3)
+
+
+def _wait_dead(pid: int, timeout_s: float = 60) -> None:
+    """Until a SIGKILLed process has exited: gone, or a zombie with no thread left. Its main thread
+    turns zombie first while the others still unwind (for over a second on a loaded machine), and
+    until they have, its parent cannot tell that it died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            threads = len(os.listdir(f"/proc/{pid}/task"))
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X") and threads <= 1:
+            return
+        assert time.monotonic() < deadline, f"process {pid} still {state} with {threads} threads after SIGKILL"
+        time.sleep(0.01)
 
 
 def _load_unless(marker: Path, cfg: ServerSettings) -> Backend:
@@ -141,8 +165,9 @@ def test_server_survives_its_worker_and_clients_carry_on(tiny_model: Path) -> No
             async with TeacherClient(server.url, retries=3, backoff_s=0.05) as client:
                 session = await client.open_session([[1, 5, 9], [1, 4, 4]], top_k=4)
                 before = await session.extend([[7], [8]])
-                os.kill(_worker_pid(server.proc.pid), signal.SIGKILL)
-                time.sleep(0.2)
+                worker = _worker_pid(server.proc.pid)
+                os.kill(worker, signal.SIGKILL)
+                _wait_dead(worker)
                 # the first call after the kill meets the dead worker (503, retried), the session
                 # is gone (404, rebuilt from the prefixes), and the answer matches a fresh scoring
                 after = await session.extend([[3], [3]])
