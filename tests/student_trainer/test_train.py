@@ -185,16 +185,19 @@ def _weights(path: Path) -> list[torch.Tensor]:
     return [p.detach() for p in AutoModelForCausalLM.from_pretrained(path).parameters()]
 
 
+LR = 0.005
+
+
 def test_rollout_and_backward_splits_change_nothing(task_models, task_teacher, tmp_path) -> None:
     """One decode loop for the batch, or two, with 1, 2 or 4 backward micro-batches and a chunked loss:
     the same tokens (rows sample from their own streams), hence the same losses and weights."""
-    common = ("train.steps=2", "method.name=trb", "method.eps0=0.3", "method.horizon=4", "optim.lr=0.005")
+    common = ("train.steps=2", "method.name=trb", "method.eps0=0.3", "method.horizon=4", f"optim.lr={LR}")
     splits = {"whole": ["train.rollout_batch_size=4", "optim.accum_steps=1"],
               "halves": ["train.rollout_batch_size=2", "optim.accum_steps=2"],
               "chunked": ["optim.accum_steps=4", "train.loss_chunk_tokens=3"]}
     for name, extra in splits.items():
         train_sync(_cfg(task_models, task_teacher.url, tmp_path / name, *common, *extra))
-    whole = _steps(tmp_path / "whole")
+    whole, initial = _steps(tmp_path / "whole"), _weights(task_models[1])
     for name in ("halves", "chunked"):
         for a, b in zip(whole, _steps(tmp_path / name), strict=True):
             assert a["tokens"] == b["tokens"] and a["response_len"] == b["response_len"]
@@ -202,9 +205,14 @@ def test_rollout_and_backward_splits_change_nothing(task_models, task_teacher, t
             assert a["teacher_logprob"] == pytest.approx(b["teacher_logprob"], abs=1e-5)
         final = [_weights(tmp_path / n / "checkpoints" / "step_000002") for n in ("whole", name)]
         # The teacher's sessions hold 4 or 2 rows (other GEMM shapes, other float32 rounding), and two
-        # AdamW steps amplify that: 9.0e-6 apart with transformers' session step, 1.1e-5 with the
-        # hand-written Qwen3 step (shared/qwen3_decode.py); a different token would move them by far more.
-        assert all(torch.allclose(x, y, atol=2e-5) for x, y in zip(*final, strict=True))
+        # AdamW steps amplify that where it is ill-conditioned: Adam divides each gradient element by its
+        # own size, so a weight whose gradient nearly cancels moves by lr x its relative rounding. The
+        # largest single gap was 1.1e-5 on one CPU and 3.2e-5 on another (1 of 12,896 weights, q_proj;
+        # 14 over 1e-6). Each tensor's update as a whole is well conditioned: it agrees to 1.3e-4 of its
+        # norm, where other tokens (another sampling seed) give 0.03-1.4 and gaps of 2e-2 (two steps).
+        for x, y, x0 in zip(*final, initial, strict=True):
+            assert (x - y).norm() <= 1e-3 * (x - x0).norm(), ((x - y).norm(), (x - x0).norm())
+            assert (x - y).abs().max() <= LR / 10  # no weight a tenth of a step apart
 
 
 def test_a_rollout_batch_that_does_not_split_fails_fast(task_models, task_teacher, tmp_path) -> None:
