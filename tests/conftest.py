@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,14 @@ def f32_diff(got: object, want: object, atol: float = 1e-5) -> tuple[float, floa
     got_a, want_a = (np.asarray(x.detach() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
                      for x in (got, want))
     return float(np.abs(got_a - want_a).max(initial=0.0)), f32_tol(np.abs(want_a).max(initial=0.0), atol)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two pytest workers on the machine's cores, and the servers and trainers the
+        # tests start run one torch thread each: one here too, not two per worker spinning against the
+        # other's (nothing compared depends on it: see f32_tol).
+        torch.set_num_threads(1)
 
 
 class ServerProcess(LocalTeacher):
