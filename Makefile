@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo reproduce reproduce-easy clean test-compose config-doc gpu-wheels
+.PHONY: install test demo reproduce reproduce-easy clean test-compose test-engines engines config-doc gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,17 @@ reproduce-easy: $(STAMP)
 # docs/config.md from the config models in student_trainer/config.py (a test fails when it is stale).
 config-doc: $(STAMP)
 	$(BIN)/python -m student_trainer.config_doc --write docs/config.md
+
+# Real vLLM and real SGLang on this CPU, each in its own venv under $(TRB_ENGINES_DIR) (built once from the
+# registry, pinned, stamped, reused), serving models/arith-teacher in float32: the contract tests against them,
+# the teacher's scores against the hf backend, sessions, limits, keys, an engine killed mid-run, short runs
+# (docs/engines.md).
+engines:
+	scripts/engines/vllm.sh >/dev/null
+	scripts/engines/sglang.sh >/dev/null
+
+test-engines: $(STAMP) engines
+	TRB_REAL_ENGINES=1 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/engines
 
 # docker compose up for real (a private dockerd, offline image builds); see docs/deploy.md.
 test-compose: $(STAMP)
