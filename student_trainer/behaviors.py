@@ -1,4 +1,4 @@
-"""Behavior policies: who picks the next token of a rollout (docs/trb-method.md §3-§4).
+"""Behavior policies: who picks the next token of a rollout (docs/method.md §3-§4).
 
 Every policy has the same two methods, so the rollout loop never branches on the method name:
 

@@ -1,7 +1,7 @@
 """Geometric blending of student and teacher, and the β that keeps the blend inside the KL ball.
 
 TRB samples from `μ_β ∝ π_S^(1−β) · π_T^β` with the largest β in [0, 1] such that
-`KL(μ_β || π_S) <= ε` (docs/trb-method.md §3). Everything here works on log-probability vectors
+`KL(μ_β || π_S) <= ε` (docs/method.md §3). Everything here works on log-probability vectors
 along the last dimension, so the same code serves the full vocabulary and the (k+1)-category
 top-k form of §5.
 """

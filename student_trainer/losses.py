@@ -1,6 +1,6 @@
 """The distillation loss: per-prefix reverse KL(π_S || π_T), analytic over the vocabulary.
 
-The loss is the same for every behavior policy (docs/trb-method.md §2): the sampled prefixes are
+The loss is the same for every behavior policy (docs/method.md §2): the sampled prefixes are
 data, the gradient flows through π_S(·|h_t) only, and no importance weight is needed. Two
 baselines change the loss instead (docs/methods.md): Veto fits a bridge target (veto.py), and the
 SFT warmup fits the teacher's tokens or distribution on teacher rollouts (sft_losses.py). Every

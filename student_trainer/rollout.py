@@ -8,7 +8,7 @@ Layout of a batch (B rows, prompts left-padded to width P):
 Position p of the student's logits predicts column p+1, so the loss positions of a row are
 P-1 .. P+n-2 (`loss_mask_B_T`), and `targets` holds the teacher's top-k at exactly those
 positions: the one the behavior sampled from when the teacher was asked during the rollout
-(trb-method §6), or for pure-student rollouts the teacher's answers to chunks of the response sent
+(docs/method.md §6), or for pure-student rollouts the teacher's answers to chunks of the response sent
 while it is sampled (streamed_targets.py), else one `/v1/score` call per batch afterwards.
 
 Each step's teacher `extend` is sent before the student's forward for the same new tokens runs,

@@ -1,4 +1,4 @@
-"""Trust-region budget ε_k by optimizer step k (docs/trb-method.md §3).
+"""Trust-region budget ε_k by optimizer step k (docs/method.md §3).
 
 TRB anneals ε to 0 over a warmup horizon K, after which rollouts are pure student and need no
 per-token teacher call. `constant` is the fixed-ε baseline and `zero` is vanilla OPD.

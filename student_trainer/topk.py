@@ -1,7 +1,7 @@
 """The exact (k+1)-category form of blending, sampling and the loss under a top-k teacher.
 
 The server returns the teacher's top-k `S` only. We complete the teacher off `S` with the
-student's shape, `π̂_T(a) = T_tail · π_S(a) / S_tail` (docs/trb-method.md §5). Under that
+student's shape, `π̂_T(a) = T_tail · π_S(a) / S_tail` (docs/method.md §5). Under that
 completion every quantity (β*, the blend, KL(π_S || π̂_T)) depends on the k teacher ids plus one
 "tail" bucket, so nothing below costs more than one pass over the vocabulary.
 

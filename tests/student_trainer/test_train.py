@@ -79,7 +79,7 @@ def test_server_loss_equals_local_teacher_loss(task_models, task_teacher) -> Non
     full_local = reverse_kl_loss(s_logits, t_logp, rollout.loss_mask_B_T)[0]
     full_remote = reverse_kl_loss(s_logits, full_served, rollout.loss_mask_B_T)[0]
     assert abs(float(full_local) - float(full_remote)) <= 1e-5
-    assert float(served) <= float(full_local) + 1e-6  # the top-k form is a lower bound (trb-method §5)
+    assert float(served) <= float(full_local) + 1e-6  # the top-k form is a lower bound (docs/method.md §5)
 
 
 async def _full_targets(url: str, rollout) -> torch.Tensor:
