@@ -49,8 +49,9 @@ def f32_diff(got: object, want: object, atol: float = 1e-5) -> tuple[float, floa
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # `make test` runs two pytest workers on the machine's cores, and the servers and trainers the
-        # tests start run one torch thread each: one here too, not two per worker spinning against the
-        # other's (nothing compared depends on it: see f32_tol).
+        # tests start run one torch thread each: one here too, and in every process started from here,
+        # not two per process spinning against the others' (nothing compared depends on it: f32_tol).
+        os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
 
 
