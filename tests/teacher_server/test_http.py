@@ -177,7 +177,8 @@ def test_api_keys_guard_every_route_but_health_and_ready(tiny_model: Path, monke
     try:
         good = {"authorization": "Bearer alice-secret-1"}
         assert httpx.get(f"{server.url}/health").status_code == 200
-        routes = [("GET", "/ready"), ("GET", "/v1/model"), ("GET", "/metrics"), ("POST", "/v1/score"),
+        assert httpx.get(f"{server.url}/ready").status_code == 200  # the probes need no key (OPEN_PATHS)
+        routes = [("GET", "/v1/model"), ("GET", "/metrics"), ("POST", "/v1/score"),
                   ("POST", "/v1/sessions"), ("POST", "/v1/sessions/x/extend"), ("DELETE", "/v1/sessions/x"),
                   ("GET", "/openapi.json"), ("GET", "/docs")]
         for headers in ({}, {"authorization": "Bearer wrong-secret"}, {"x-api-key": "alice-secret-"}):
