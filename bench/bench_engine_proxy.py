@@ -7,6 +7,14 @@ that is vLLM's `/v1/completions` with `prompt_logprobs: 20` (what a vLLM user se
 talks to a vLLM generate server, a vLLM pooling runner (hidden states, exact), or SGLang with hidden states.
 Engines come from the venvs of scripts/engines/*.sh; an engine whose venv is missing is left out.
 
+SGLang runs with `--sleep-on-idle`: without it its scheduler polls at 100% of a core while idle, which on a
+2-core machine takes that core from whatever shares it (here our teacher, while it parses SGLang's answer)
+and from SGLang's own tokenizer and detokenizer processes.
+
+The teacher splits a request into jobs of at most `max_batch_tokens` (1024 for an engine backend), each its
+own engine call, one after another: this work (just over 1024 tokens) takes two. The `one engine call`
+rows are a second teacher on the same engine with --max-batch-tokens 4096, to show what the split costs.
+
     .venv/bin/python -m bench.bench_engine_proxy [--quick]
 """
 
@@ -33,6 +41,7 @@ import vllm_engine  # noqa: E402
 MODEL = "models/arith-teacher"
 TOP_K = 20
 TARGET = "<= 1.15"
+ONE_CALL = ("--max-batch-tokens", "4096")  # the whole request in one engine call (the module docstring)
 
 
 def sequences() -> list[list[int]]:
@@ -88,17 +97,18 @@ class Engine:
         self.module, self.port = module, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = module.launch(MODEL, self.port, log_path=logs / f"{name}.log", **kw)
-        self.teacher: LocalTeacher | None = None
+        self.teachers: list[LocalTeacher] = []
 
     def front(self, backend: str, *extra: str) -> str:
+        """A teacher in front of the engine (`extra`: its flags); its URL."""
         wait_healthy(self.url, self.proc)
-        self.teacher = LocalTeacher(MODEL, "--backend", backend, f"--{backend}-url", self.url, *extra,
-                                    threads=1).wait_ready(900)
-        return self.teacher.url
+        self.teachers.append(LocalTeacher(MODEL, "--backend", backend, f"--{backend}-url", self.url, *extra,
+                                          threads=1).wait_ready(900))
+        return self.teachers[-1].url
 
     def stop(self) -> None:
-        if self.teacher is not None:
-            self.teacher.stop()
+        for teacher in self.teachers:
+            teacher.stop()
         self.module.stop(self.proc)
 
 
@@ -117,8 +127,9 @@ def run(threads: int = 1, quick: bool = False) -> Section:
     tokens = sum(map(len, seqs))
     section = Section(f"7. The teacher in front of a real engine: top-{TOP_K} of {len(seqs)} sequences ({tokens} "
                       "tokens)", f"Medians of {rounds} alternating rounds; engines float32 on this CPU, each from "
-                      "its own venv; `engine directly` is vLLM's /v1/completions (prompt_logprobs 20) or SGLang's "
-                      "/generate (top_logprobs_num 20).")
+                      "its own venv (SGLang with --sleep-on-idle); the baseline is vLLM's /v1/completions "
+                      "(prompt_logprobs 20) or SGLang's /generate (top_logprobs_num 20); `one engine call`: a teacher "
+                      "with --max-batch-tokens 4096, which does not split this request in two.")
     logs = REPO / "runs" / "bench-engine-proxy"
     logs.mkdir(parents=True, exist_ok=True)
     completions = {"model": MODEL, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": TOP_K}
@@ -127,13 +138,16 @@ def run(threads: int = 1, quick: bool = False) -> Section:
     if vllm_engine.venv_python() is None:
         section.add("vLLM: venv missing (scripts/engines/vllm.sh)", "-")
     else:
-        gen, pool = Engine(vllm_engine, "vllm-generate", logs), Engine(vllm_engine, "vllm-pooling", logs, runner="hidden")
+        gen = Engine(vllm_engine, "vllm-generate", logs)
+        pool = Engine(vllm_engine, "vllm-pooling", logs, runner="hidden")
         try:
-            a, b = gen.front("vllm", "--vllm-dtype", "float32"), pool.front("vllm")
-            with httpx.Client(base_url=gen.url, timeout=600) as direct, \
-                    httpx.Client(base_url=a, timeout=600) as ta, httpx.Client(base_url=b, timeout=600) as tb:
+            flags = ("--vllm-dtype", "float32")
+            a, a1, b = gen.front("vllm", *flags), gen.front("vllm", *flags, *ONE_CALL), pool.front("vllm")
+            with httpx.Client(base_url=gen.url, timeout=600) as direct, httpx.Client(base_url=a, timeout=600) as ta, \
+                    httpx.Client(base_url=a1, timeout=600) as ta1, httpx.Client(base_url=b, timeout=600) as tb:
                 times = alternate({"vLLM /v1/completions": lambda: post(direct, "/v1/completions", json=completions),
                                    "teacher on a vLLM generate server": teacher_call(ta, seqs),
+                                   "one engine call: teacher on a vLLM generate server": teacher_call(ta1, seqs),
                                    "teacher on a vLLM pooling runner (exact)": teacher_call(tb, seqs)}, rounds)
             add_rows(section, times, "vLLM /v1/completions")
         finally:
@@ -142,12 +156,15 @@ def run(threads: int = 1, quick: bool = False) -> Section:
     if sglang_engine.venv_python() is None:
         section.add("SGLang: venv missing (scripts/engines/sglang.sh)", "-")
     else:
-        sgl = Engine(sglang_engine, "sglang", logs)
+        sgl = Engine(sglang_engine, "sglang", logs, extra_args=["--sleep-on-idle"])
         try:
-            url = sgl.front("sglang")
-            with httpx.Client(base_url=sgl.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t:
+            url, url1 = sgl.front("sglang"), sgl.front("sglang", *ONE_CALL)
+            with httpx.Client(base_url=sgl.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t, \
+                    httpx.Client(base_url=url1, timeout=600) as t1:
                 times = alternate({"SGLang /generate": lambda: post(direct, "/generate", json=generate),
-                                   "teacher on SGLang, hidden states (exact)": teacher_call(t, seqs)}, rounds)
+                                   "teacher on SGLang, hidden states (exact)": teacher_call(t, seqs),
+                                   "one engine call: teacher on SGLang, hidden states (exact)": teacher_call(t1, seqs)},
+                                  rounds)
             add_rows(section, times, "SGLang /generate")
         finally:
             sgl.stop()

@@ -13,6 +13,7 @@ Only the lm_head weight is read (one tensor, from the shard that holds it), neve
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from shared.protocol import ScoreRequest, SequenceScores
 from teacher_server.backends.base import topk_with_tail
 
+LOGITS_BUDGET = 1 << 26  # logits projected at once (256 MiB of float32); a longer sequence goes alone
 _UNSUPPORTED_HEADS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
@@ -128,8 +130,47 @@ def stored_dtype(values: np.ndarray) -> str:
     return "float32"
 
 
+def chunks(costs: list[int], budget: int) -> Iterator[slice]:
+    """Consecutive slices of `costs` whose summed cost stays within budget (at least one item each)."""
+    lo, total = 0, 0
+    for i, cost in enumerate(costs):
+        if i > lo and total + cost > budget:
+            yield slice(lo, i)
+            lo, total = i, 0
+        total += cost
+    if lo < len(costs):
+        yield slice(lo, len(costs))
+
+
 def scores_from_hidden(head: LMHead, hidden: list[np.ndarray], items: list[tuple[list[int], int]],
                        req: ScoreRequest) -> list[SequenceScores]:
-    """Scores of (sequence, start) items from the hidden states of positions start..L-1 of each."""
-    return [scores_from_logprobs(head.logprobs(h), seq, start, req)
-            for h, (seq, start) in zip(hidden, items, strict=True)]
+    """Scores of (sequence, start) items from the hidden states of positions start..L-1 of each.
+
+    Sequences are projected together, up to LOGITS_BUDGET logits at a time: on a small model a torch
+    call costs more than its arithmetic, so one projection, top-k and tail per group, not per sequence.
+    Every row is computed on its own, so the answers are those of one sequence at a time.
+    """
+    out: list[SequenceScores] = []
+    for part in chunks([len(h) * head.vocab_size for h in hidden], LOGITS_BUDGET):
+        out += stacked_scores(head.logprobs(np.concatenate(hidden[part])), items[part], req)
+    return out
+
+
+def stacked_scores(lp_N_V: torch.Tensor, items: list[tuple[list[int], int]], req: ScoreRequest) -> list[SequenceScores]:
+    """`scores_from_logprobs` of each (sequence, start) item at once, from the logprobs of positions
+    start..L-1 of every item, stacked item after item."""
+    ends = np.cumsum([len(seq) - start for seq, start in items])[:-1]
+
+    def split(t: torch.Tensor) -> list[np.ndarray]:
+        return np.split(_np(t), ends)
+
+    top_ids, top_lp, tail = topk_with_tail(lp_N_V, req.top_k)
+    following = torch.tensor([t for seq, start in items for t in [*seq[start + 1:], 0]], dtype=torch.long)
+    next_lp = lp_N_V.gather(-1, following[:, None]).squeeze(-1)  # an item's last row: after all of it, dropped
+    none: list[np.ndarray | None] = [None] * len(items)
+    token_lp = none if req.token_ids is None else split(lp_N_V[:, torch.tensor(req.token_ids, dtype=torch.long)])
+    full = split(lp_N_V) if req.full else none
+    return [SequenceScores(start=start, top_ids=ids, top_logprobs=lp, tail_logprob=t, next_token_logprobs=nxt[:-1],
+                           token_logprobs=tok, logprobs=f)
+            for (_, start), ids, lp, t, nxt, tok, f in zip(items, split(top_ids.int()), split(top_lp), split(tail),
+                                                          split(next_lp), token_lp, full, strict=True)]

@@ -10,7 +10,9 @@ radix cache reuses it, so a step costs the new tokens, not the prefix.
 
 Hidden rows: SGLang returns one row per position it computed in the prefill, i.e. positions
 cached..L-1 where `cached` (meta_info.cached_tokens) is the radix-cache hit, which is capped at
-logprob_start_len = start. So positions start..L-1 are the last L - start rows.
+logprob_start_len = start. So positions start..L-1 are the last L - start rows. The cap holds only with
+return_logprob (without it a resent prefix is served from the cache and leaves one row), so the
+hidden-state call asks for logprobs too, with top_logprobs_num 0: one small input entry per position.
 
 Position alignment (docs/sglang.md). Ours: position p is the distribution after ids[:p+1]. SGLang's,
 for `logprob_start_len = s` and a prompt of length L: each input list has L - s entries, entry i is
@@ -24,7 +26,6 @@ ids[:s+i]. For positions start..L-1 (n = L - start rows) we send s = start and r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from teacher_server.backends.base import (  # noqa: F401 - tail_from_top: re-exp
     tail_from_top,
     topk_with_tail,
 )
-from teacher_server.backends.lm_head import LMHead, scores_from_logprobs, stored_dtype
+from teacher_server.backends.lm_head import LMHead, chunks, scores_from_hidden, stored_dtype
 from teacher_server.backends.sglang_transport import (
     EngineTransport,
     GenerateCall,
@@ -119,18 +120,6 @@ def sequence_scores(meta: MetaInfo, seq: list[int], start: int, top_k: int,
                           token_logprobs=token_lp)
 
 
-def chunks(costs: list[int], budget: int) -> Iterator[slice]:
-    """Consecutive slices of `costs` whose summed cost stays within budget (at least one item each)."""
-    lo, total = 0, 0
-    for i, cost in enumerate(costs):
-        if i > lo and total + cost > budget:
-            yield slice(lo, i)
-            lo, total = i, 0
-        total += cost
-    if lo < len(costs):
-        yield slice(lo, len(costs))
-
-
 class SGLangSession(SessionState):
     """A session is just the rows' full prefixes; SGLang's radix cache holds the KV."""
 
@@ -205,8 +194,7 @@ class SGLangBackend(Backend):
     def _exact(self, req: ScoreRequest) -> list[SequenceScores]:
         assert self.head is not None
         items = list(zip(req.sequences, req.starts(), strict=True))
-        return [scores_from_logprobs(self.head.logprobs(h), seq, start, req)
-                for h, (seq, start) in zip(self._hidden(items), items, strict=True)]
+        return scores_from_hidden(self.head, self._hidden(items), items, req)
 
     def _hidden(self, items: list[tuple[list[int], int]]) -> list[np.ndarray]:
         """(L - start, H) hidden states of positions start..L-1 of each (sequence, start) item."""

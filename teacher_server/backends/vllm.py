@@ -51,23 +51,27 @@ SESSIONS_REFUSED = "sessions: the vllm backend serves /v1/score only (see docs/v
 
 
 def _lp(value: float) -> float:
-    return float("-inf") if value == NEG_INF_AS else value
+    return float("-inf") if value == NEG_INF_AS else float(value)
 
 
 def split_entry(entry: Position, actual: int, k: int) -> tuple[list[int], list[float], float]:
-    """(top-k ids by rank, their logprobs, the actual token's logprob) of one position.
+    """(top-k ids by rank, their logprobs, the actual token's logprob) of one position, as vLLM sent it.
 
     vLLM builds the entry as {actual, top_1 .. top_k} in a dict, so when the actual token is in the
     top-k the two merge (k keys, rank from the top-k) and otherwise there are k + 1 keys. Dropping the
     actual token's key in the second case leaves exactly the top-k, whose ranks must be 1 .. k.
     """
-    if entry is None or str(actual) not in entry:
+    key = str(actual)
+    if not isinstance(entry, dict) or key not in entry:
         raise VLLMError(f"vLLM's prompt_logprobs entry lacks the actual token {actual}: alignment is off")
-    actual_lp = _lp(entry[str(actual)].logprob)
     if len(entry) not in (k, k + 1):
         raise VLLMError(f"vLLM returned {len(entry)} logprobs at a position where {k} or {k + 1} were expected")
-    top = [(e.rank, int(t), _lp(e.logprob)) for t, e in entry.items() if len(entry) == k or t != str(actual)]
-    top.sort(key=lambda r: r[0] or 0)
+    outside = key if len(entry) == k + 1 else None
+    try:
+        top = sorted((e["rank"], int(t), _lp(e["logprob"])) for t, e in entry.items() if t != outside)
+        actual_lp = _lp(entry[key]["logprob"])
+    except (KeyError, TypeError, ValueError) as exc:  # a missing or non-numeric field, a null rank
+        raise VLLMError(f"vLLM's prompt_logprobs entry for token {actual} is malformed: {exc!r}") from exc
     if [r[0] for r in top] != list(range(1, k + 1)):
         raise VLLMError(f"vLLM's top-{k} ranks are {[r[0] for r in top]}, not 1..{k}")
     return [r[1] for r in top], [r[2] for r in top], actual_lp

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-from pydantic import BaseModel, TypeAdapter
-
-from teacher_server.backends.engine_http import call, connect, error_message
+from teacher_server.backends.engine_http import call, connect, error_message, json_body
 
 MAX_PROMPTS = 1024  # prompts per /v1/completions call (vLLM's VLLM_MAX_COMPLETION_PROMPTS default)
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default, assumed when the probe's answer cannot be read
@@ -28,15 +26,17 @@ class VLLMError(RuntimeError):
     """vLLM refused a call, or answered something that breaks the documented alignment."""
 
 
-class Entry(BaseModel):
-    """One token of a `prompt_logprobs` position: vLLM's `Logprob` (decoded_token is not read)."""
+class Entry(TypedDict):
+    """One token of a `prompt_logprobs` position: vLLM's `Logprob` (decoded_token is not read).
+
+    A plain dict, as parsed: the backend checks what it reads (vllm.split_entry). Validating the
+    thousands of entries of a batch into models took several times as long as parsing them."""
 
     logprob: float
-    rank: int | None = None
+    rank: int | None
 
 
 Position = dict[str, Entry] | None  # token id (a string key, from json.dumps of int keys) -> entry
-_CHOICES = TypeAdapter(list[list[Position] | None])
 
 
 def pooling_body(model: str, prompts: list[list[int]]) -> dict[str, Any]:
@@ -95,7 +95,7 @@ class HTTPTransport:
         resp = call(self.client, "POST", "/pooling", "vLLM", json=pooling_body(self.model, prompts))
         if resp.status_code != 200:
             raise VLLMError(f"vLLM /pooling answered {resp.status_code}: {error_message(resp)}")
-        data = sorted(resp.json().get("data") or [], key=lambda d: d.get("index", 0))
+        data = sorted(json_body(resp).get("data") or [], key=lambda d: d.get("index", 0))
         if len(data) != len(prompts):
             raise VLLMError(f"vLLM /pooling answered {len(data)} results for a batch of {len(prompts)}")
         out = []
@@ -118,17 +118,18 @@ class HTTPTransport:
                         f"{error_message(resp)}")
 
     def prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list[Position]]:
-        """`choices[i].prompt_logprobs` of each prompt, in order (choice i is prompt i: n = 1)."""
+        """`choices[i].prompt_logprobs` of each prompt, in order (choice i is prompt i: n = 1), as parsed:
+        the entries are checked where they are read (vllm.split_entry)."""
         resp = call(self.client, "POST", "/v1/completions", "vLLM", json=completion_body(self.model, prompts, k))
         if resp.status_code != 200:
             raise VLLMError(f"vLLM /v1/completions answered {resp.status_code}: {error_message(resp)}")
-        choices = resp.json().get("choices") or []
+        choices = json_body(resp).get("choices") or []
         if len(choices) != len(prompts) or [c.get("index") for c in choices] != list(range(len(prompts))):
             raise VLLMError(f"vLLM answered {len(choices)} choices out of order or for a batch of {len(prompts)}")
-        out = _CHOICES.validate_python([c.get("prompt_logprobs") for c in choices])
-        if any(p is None for p in out):
+        out = [c.get("prompt_logprobs") for c in choices]
+        if not all(isinstance(p, list) for p in out):
             raise VLLMError("vLLM answered without prompt_logprobs")
-        return out  # type: ignore[return-value]
+        return out
 
     def close(self) -> None:
         self.client.close()

@@ -265,6 +265,9 @@ def test_split_entry_drops_the_actual_token_only_when_outside_the_top_k() -> Non
         split_entry(outside, 8, 2)
     with pytest.raises(VLLMError, match="3 logprobs"):
         split_entry(outside, 9, 1)
+    for broken in ({"logprob": -0.5}, {"logprob": "x", "rank": 1}, {"logprob": -0.5, "rank": None}):
+        with pytest.raises(VLLMError, match="malformed"):  # what a model validation used to refuse
+            split_entry({**outside, "3": broken}, 9, 2)
 
 
 def test_sequence_scores_reads_entry_p_plus_one() -> None:
@@ -334,6 +337,22 @@ def test_a_pooling_runner_gives_exact_scores(exact_teacher: ServerProcess, teach
         assert np.array_equal(a.top_ids, b.top_ids)
         for name in ("top_logprobs", "tail_logprob", "next_token_logprobs", "token_logprobs", "logprobs"):
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_stacked_scores_are_those_of_one_sequence_at_a_time() -> None:
+    import torch
+
+    from teacher_server.backends.lm_head import scores_from_logprobs, stacked_scores
+
+    seqs, starts = [[1, 5, 6, 7], [2, 3], [4, 9, 9]], [1, 0, 2]
+    req = ScoreRequest(sequences=seqs, start=starts, top_k=3, token_ids=[0, 5], full=True)
+    rows = [torch.randn(len(s) - b, 12).log_softmax(-1) for s, b in zip(seqs, starts, strict=True)]
+    for got, seq, start, lp in zip(stacked_scores(torch.cat(rows), list(zip(seqs, starts)), req), seqs, starts, rows,
+                                   strict=True):
+        one = scores_from_logprobs(lp, seq, start, req)
+        for name in ("start", "top_ids", "top_logprobs", "tail_logprob", "next_token_logprobs", "token_logprobs",
+                     "logprobs"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(one, name), err_msg=name)
 
 
 def test_a_generate_server_says_its_tail_is_bounded(vllm_teacher: ServerProcess) -> None:
