@@ -20,8 +20,8 @@ from pathlib import Path
 
 from bench.common import base_parser, limit_threads, machine_info, machine_markdown, teacher_server, tiny_model
 from student_trainer.config import load_config
-from student_trainer.run_log import read_metrics
-from student_trainer.train import train_sync
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.training.loop import train_sync
 
 
 def _run(url: str, student: Path, out: Path, staleness: int, producer: str, steps: int, threads: int, batch: int,

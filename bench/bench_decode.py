@@ -1,5 +1,5 @@
 """Decode step time of the eager KV decoder vs the static decoder, without and with a CUDA graph,
-and (on a CPU) vs the hand-written Qwen3 step (`shared/qwen3_decode.py`).
+and (on a CPU) vs the hand-written Qwen3 step (`decoders/qwen3_decode.py`).
 
     python -m bench.bench_decode --quick            # CPU: tiny shapes, eager vs static vs qwen3
     python -m bench.bench_decode                    # CUDA: Qwen3-0.6B/1.7B shapes (random weights), bf16
@@ -24,9 +24,9 @@ from collections.abc import Iterator
 
 import torch
 
-from shared.kv_decode import KVDecoder
-from shared.qwen3_decode import Qwen3Decoder
-from shared.static_decode import StaticKVDecoder
+from decoders.kv_decode import KVDecoder
+from decoders.qwen3_decode import Qwen3Decoder
+from decoders.static_decode import StaticKVDecoder
 from teacher_server.backends.hf import HFBackend
 
 # Published configs (huggingface.co/Qwen/Qwen3-*/config.json); random weights, no download.

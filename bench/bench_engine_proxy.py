@@ -31,8 +31,8 @@ import httpx
 from bench.common import REPO, Section, base_parser, limit_threads, machine_info, report, spread
 from shared import codec
 from shared.protocol import ScoreRequest
-from student_trainer.local_teacher import LocalTeacher, free_port
 from student_trainer.tasks import arithmetic
+from student_trainer.teacher.local import LocalTeacher, free_port
 
 sys.path.insert(0, str(REPO / "tests" / "engines"))
 import sglang_engine  # noqa: E402

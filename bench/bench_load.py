@@ -39,8 +39,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from shared import codec  # noqa: E402
 from shared.protocol import ScoreRequest, ScoreResponse  # noqa: E402
-from student_trainer.local_teacher import LocalTeacher  # noqa: E402
-from student_trainer.teacher_client import TeacherClient, TeacherError  # noqa: E402
+from student_trainer.teacher.client import TeacherClient, TeacherError  # noqa: E402
+from student_trainer.teacher.local import LocalTeacher  # noqa: E402
 from teacher_server.backends.hf import HFBackend  # noqa: E402
 
 K = 20

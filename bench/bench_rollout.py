@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bench_rollout
 
 Per round, interleaved:
-  - TRB rollout as shipped (`student_trainer.rollout.generate`, Blend at ε > 0, teacher session over
+  - TRB rollout as shipped (`student_trainer.rollouts.rollout.generate`, Blend at ε > 0, teacher session over
     HTTP; each step's extend is sent first and the student's forward runs while the server computes);
   - the same rollout with that overlap removed (`overlap=False`: the extend is awaited, then the
     student's forward runs);
@@ -44,13 +44,14 @@ from bench.common import (
     teacher_server,
     tiny_model,
 )
-from shared.static_decode import make_decoder
-from student_trainer import behaviors
-from student_trainer.behaviors import Blend, OnPolicy
-from student_trainer.rollout import Rollout, generate
+from decoders.choose import make_decoder
+from student_trainer.methods import behaviors
+from student_trainer.methods.behaviors import Blend, OnPolicy
+from student_trainer.rollouts.generate import generate
+from student_trainer.rollouts.rollout import Rollout
 from student_trainer.tasks import arithmetic
 from student_trainer.tasks.tokenizer import build_tokenizer
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.teacher.client import TeacherClient
 
 TOP_K, EPS = 20, 0.1
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from bench.bench_decode import SHAPES, bench
-from bench.common import REPO, Section, base_parser, limit_threads, machine_info, median, report
+from bench.common import REPO, Section, base_parser, build_random, limit_threads, machine_info, median, report
+from bench.whole_step import measure_pair
 
 VOCAB, TOP_K = 151_936, 20
 NARROW = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -46,14 +47,6 @@ def qwen3(name: str, narrow: bool = False, **overrides: int):
 
     shape = {**SHAPES[name], **(NARROW if narrow else {}), **overrides}
     return Qwen3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
-
-
-def build(config, device: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def batch(rows: int, tokens: int, vocab: int, device: str, prompt: int = 176):
@@ -73,7 +66,7 @@ def batch(rows: int, tokens: int, vocab: int, device: str, prompt: int = 176):
 def micro_step(lm: torch.nn.Module, rows: int, tokens: int, precision: str, chunk: int | None,
                device: str) -> Callable[[], float]:
     """One forward + loss + backward + AdamW step of `rows` x `tokens`, as the trainer runs it."""
-    from student_trainer.student_model import StudentLoss, compute_dtype
+    from student_trainer.training.student_model import StudentLoss, compute_dtype
 
     loss_module = StudentLoss(lm, chunk, autocast_dtype=compute_dtype(precision))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6)
@@ -92,7 +85,7 @@ def micro_step(lm: torch.nn.Module, rows: int, tokens: int, precision: str, chun
 # ---- 1. loss memory -----------------------------------------------------------------------------
 def _loss_memory_child(chunk: int | None, rows: int, tokens: int) -> None:
     """Run in a fresh process: prints {"peak": bytes above the set-up state, "seconds": ...}."""
-    lm = build(qwen3("0.6B", narrow=True, num_hidden_layers=1), "cpu")
+    lm = build_random(qwen3("0.6B", narrow=True, num_hidden_layers=1), "cpu")
     loss_module_step = micro_step(lm, rows, tokens, "fp32", chunk, "cpu")
     base = _rss()
     started = time.perf_counter()
@@ -122,7 +115,7 @@ def loss_memory(device: str, rows: int = 4, tokens: int = 1200) -> Section:
                                   "--loss-rows", str(rows)], cwd=REPO, capture_output=True, text=True, check=True)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         else:
-            lm = build(qwen3("0.6B", narrow=True, num_hidden_layers=1), device)
+            lm = build_random(qwen3("0.6B", narrow=True, num_hidden_layers=1), device)
             step = micro_step(lm, rows, tokens, "fp32", chunk, device)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -170,7 +163,7 @@ def _timed_step(config, device: str, rows: int, tokens: int, precision: str, chu
     """(median seconds of 3 steps after one warm-up, peak bytes) or (None, None) out of memory."""
     lm = step = None
     try:
-        lm = build(config, device)
+        lm = build_random(config, device)
         step = micro_step(lm, rows, tokens, precision, chunk, device)
         step()
         if device == "cuda":
@@ -225,8 +218,6 @@ RECIPES = {"0.6b-4b": ("0.6B", "4B", "recipes/qwen3/trb-0.6b-4b.yaml"),
 
 
 def whole_steps(device: str, narrow: bool, pairs: list[str], lengths: tuple[int, int]) -> Section:
-    from bench.whole_step import measure_pair
-
     section = Section("Whole TRB optimizer step and the projected recipe run",
                       f"the recipe's batch, accum_steps, precision and top-k at ε0 (teacher asked at every "
                       f"token); student in process, `trb-teacher serve` (transformers backend) on {device}; "

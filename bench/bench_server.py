@@ -39,8 +39,8 @@ from bench.common import (
     teacher_server,
     tiny_model,
 )
-from shared.kv_decode import KVDecoder
-from student_trainer.teacher_client import TeacherClient
+from decoders.kv_decode import KVDecoder
+from student_trainer.teacher.client import TeacherClient
 
 BATCH, LENGTH, TOP_K = 16, 256, 20
 
@@ -139,7 +139,7 @@ def kv_growth_rows(section: Section, path: Path, rows: int, steps: int) -> None:
     """In process: the KV decoder with transformers' default cache (torch.cat per step) vs ours.
 
     The default `DynamicLayer.update` copies the whole cache every step, O(prefix) per token;
-    `shared.kv_decode.GrowingLayer` appends into a buffer of doubling capacity, O(1) amortised.
+    `decoders.kv_decode.GrowingLayer` appends into a buffer of doubling capacity, O(1) amortised.
     What is left at prefix 1024 is attention reading the cache, which no cache layout avoids.
     """
     model = load_model(path)

@@ -9,7 +9,7 @@ has exactly that length), the teacher scores every response position, and one Ad
 (betas 0.9/0.95, no weight decay, constant LR, clip 1.0, float32) minimises the token-mean reverse KL
 over the same batch x max_new tokens.
 
-- OPD: `student_trainer.train.train_step` as shipped: KV-cache rollout (`student.decoder` auto: the
+- OPD: `student_trainer.training.loop.train_step` as shipped: KV-cache rollout (`student.decoder` auto: the
   hand-written Qwen3 step on a CPU; `--decoder eager`: transformers' forward) whose teacher targets
   are streamed from a teacher server subprocess on 127.0.0.1 (msgpack, top-20) while it samples
   (`teacher.stream_chunk_tokens`; `--stream-chunk 0`: one `/v1/score` call after sampling), the top-k
@@ -71,8 +71,9 @@ from bench.common import (
 from student_trainer.config import Config, MethodCfg, OptimCfg, StudentCfg, TeacherCfg, TrainCfg
 from student_trainer.data import TaskData
 from student_trainer.tasks.tokenizer import build_tokenizer
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import Run, lr_lambda, train_step
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training.learner import train_step
+from student_trainer.training.run import Run, lr_lambda
 
 LR, CLIP, TOP_K = 1e-3, 1.0, 20
 

@@ -183,7 +183,7 @@ def _save(model: object, tokenizer: object, path: Path) -> Path:
 
 def random_model(name: str, shape: dict[str, int], seed: int = 0) -> Path:
     """A randomly initialised Qwen3 with the task tokenizer, saved once under CACHE and reused."""
-    from student_trainer.tasks.sft import ModelShape, build_model
+    from student_trainer.tasks.base_model import ModelShape, build_model
     from student_trainer.tasks.tokenizer import build_tokenizer
 
     tag = "-".join(f"{k}{v}" for k, v in sorted(shape.items()))
@@ -233,7 +233,7 @@ def parameters(path: Path) -> int:
 @contextlib.contextmanager
 def teacher_server(model: Path, threads: int, *extra: str) -> Iterator[object]:
     """A real `trb-teacher serve` subprocess on a free 127.0.0.1 port, stopped on exit."""
-    from student_trainer.local_teacher import LocalTeacher
+    from student_trainer.teacher.local import LocalTeacher
 
     log = CACHE / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -308,3 +308,13 @@ def base_parser(description: str) -> object:
     ap.add_argument("--threads", type=int, default=1, help="torch threads, bench process and server alike")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not a measurement)")
     return ap
+
+
+def build_random(config: Any, device: str, dtype: Any = None) -> Any:
+    """A randomly initialised CausalLM of `config` made directly on `device` (seed 0); float32 by default."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer.config import DataCfg
 from student_trainer.data import TaskData
-from student_trainer.evaluation import Probe, build_probe, probe_kl
 from student_trainer.tasks.arithmetic import Problem
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training.evaluation import Probe, build_probe, probe_kl
 
 
 def student_rollouts(student: torch.nn.Module, tokenizer, problems: list[Problem], max_new_tokens: int,

@@ -19,10 +19,10 @@ import torch
 
 from shared.protocol import ScoreRequest
 from student_trainer.config import load_config
-from student_trainer.local_teacher import LocalTeacher
 from student_trainer.tasks import arithmetic
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import train_sync
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.teacher.local import LocalTeacher
+from student_trainer.training.loop import train_sync
 from teacher_server.backends.hf import HFBackend
 
 REPO = Path(__file__).resolve().parents[1]

@@ -118,15 +118,16 @@ def _by_grad(when_grad: str, without: str) -> Callable[[], str]:
 
 
 def profile_opd(steps: int, batch: int, max_new: int) -> str:
-    import shared.kv_decode as kv
-    import shared.static_decode as static
-    import student_trainer.behaviors as behaviors
-    import student_trainer.rollout as rollout
-    import student_trainer.streamed_targets as streamed_targets
-    import student_trainer.student_model as student_model
-    import student_trainer.train as train
-    from student_trainer.row_generators import RowGenerators
-    from student_trainer.teacher_client import TeacherClient
+    import decoders.kv_decode as kv
+    import decoders.static_decode as static
+    import student_trainer.methods.behaviors as behaviors
+    import student_trainer.rollouts.batch as batch_mod
+    import student_trainer.rollouts.generate as rollout
+    import student_trainer.rollouts.targets as targets
+    import student_trainer.training.learner as learner
+    import student_trainer.training.student_model as student_model
+    from student_trainer.methods.row_generators import RowGenerators
+    from student_trainer.teacher.client import TeacherClient
 
     student, teacher = tiny_model("student")[0], tiny_model("teacher")[0]
     clocks = Clocks()
@@ -147,8 +148,8 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
 
         TeacherClient.score = score_with_server_cpu
         targets = [
-            (train, "_rollout", "rollout"),
-            (train, "generate", "  decode loop (rollout.generate)"),
+            (batch_mod, "_rollout", "rollout"),
+            (batch_mod, "generate", "  decode loop (rollout.generate)"),
             (kv.KVDecoder, "prefill", "    prefill"),
             (kv.KVDecoder, "extend", "    KVDecoder.extend (incl. prefill)"),
             (static.StaticKVDecoder, "prefill", "    prefill"),  # and the Qwen3 decoder built on it
@@ -161,16 +162,16 @@ def profile_opd(steps: int, batch: int, max_new: int) -> str:
             (behaviors, "sample_categorical", "      sample_categorical"),
             (RowGenerators, "rand", "        RowGenerators.rand"),
             (behaviors, "_diagnostics", "      _diagnostics"),
-            (streamed_targets.TargetStream, "flush", "    streamed targets: collect a chunk, send the next"),
-            (streamed_targets.TargetStream, "finish", "    streamed targets: the last chunk (waited for)"),
-            (train, "score_targets", "  score_targets (teacher.stream_chunk_tokens 0, or a refused stream)"),
+            (targets.TargetStream, "flush", "    streamed targets: collect a chunk, send the next"),
+            (targets.TargetStream, "finish", "    streamed targets: the last chunk (waited for)"),
+            (batch_mod, "score_targets", "  score_targets (teacher.stream_chunk_tokens 0, or a refused stream)"),
             (TeacherClient, "score", SCORE),
-            (train, "_micro_loss", "forward + loss"),
+            (student_model.StudentLoss, "forward", "forward + loss"),
             (student_model, "chunked_loss_sum", "  chunked lm_head + loss"),
             (torch.Tensor, "backward", "backward"),
-            (train.distributed, "clip_grad_norm", "clip_grad_norm"),
+            (learner.distributed, "clip_grad_norm", "clip_grad_norm"),
             (run.optimizer, "step", "optimizer.step"),
-            (train, "summarize", "summarize diagnostics"),
+            (learner, "summarize", "summarize diagnostics"),
         ]
         try:
             with patched(clocks, targets):

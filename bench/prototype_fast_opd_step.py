@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.prototype_fast_opd_step [--blocks 3]
 
-The shipped step now decodes with the hand-written Qwen3 step (`shared/qwen3_decode.py`, item 1 of
+The shipped step now decodes with the hand-written Qwen3 step (`decoders/qwen3_decode.py`, item 1 of
 the finding, which this prototype first measured). On top of it, measured against the shipped
 `train_step` and TRL's `DistillationTrainer` step in one interleaved run (same harness as
 `bench_step_vs_trl`):
@@ -38,13 +38,16 @@ from bench.common import (
     teacher_server,
     tiny_model,
 )
-from shared.kv_decode import position_ids
-from shared.qwen3_decode import Qwen3Decoder
-from student_trainer.losses import reverse_kl_loss
-from student_trainer.rollout import Rollout, _left_pad, score_targets
-from student_trainer.row_generators import RowGenerators
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import Run
+from decoders.kv_decode import position_ids
+from decoders.qwen3_decode import Qwen3Decoder
+from student_trainer.methods.behaviors import make_behavior
+from student_trainer.methods.losses import reverse_kl_loss
+from student_trainer.methods.row_generators import RowGenerators
+from student_trainer.rollouts.batch import _rollout
+from student_trainer.rollouts.rollout import Rollout, left_pad
+from student_trainer.rollouts.targets import score_targets
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training.run import Run
 
 
 async def fast_step(run: Run, overlap: bool = True) -> torch.Tensor:
@@ -64,7 +67,7 @@ async def fast_step(run: Run, overlap: bool = True) -> torch.Tensor:
         tokens_B_T[:, t] = (logits_B_V.float().log_softmax(-1) + gumbel_B_T_V[:, t]).argmax(-1)
         if t < new - 1:
             logits_B_V = decoder.extend(rows, [[x] for x in tokens_B_T[:, t].tolist()])
-    ids, prompt_mask = _left_pad(prompts, tok.pad_token_id)
+    ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
     p = ids.shape[1]
     seq, attention = torch.cat([ids, tokens_B_T], 1), torch.cat([prompt_mask, torch.ones_like(tokens_B_T)], 1)
     loss_mask = torch.zeros_like(seq, dtype=torch.bool)
@@ -155,10 +158,8 @@ def main() -> None:
 
 def _same_tokens(shipped: Run, tokens_B_T: torch.Tensor, loop: asyncio.Runner) -> float:
     """Share of the prototype's step-0 tokens equal to a shipped rollout of step 0 (same weights)."""
-    from student_trainer.train import _behavior, _rollout
-
     rows = range(len(tokens_B_T))
-    ro = run_sync(loop, _rollout(shipped, shipped.data.train_batch(0, len(rows)), rows, _behavior(shipped.cfg, "opd"),
+    ro = run_sync(loop, _rollout(shipped, shipped.data.train_batch(0, len(rows)), rows, make_behavior("opd"),
                                  0.0, 0, shipped.policy))
     return (ro.tokens_B_T[:, ro.prompt_width :] == tokens_B_T).float().mean().item()
 

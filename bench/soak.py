@@ -4,7 +4,7 @@ Faults, one at a random moment every `--fault-every` seconds on average: kill -9
 worker, a client that hangs up mid-request (mid-body, or while its request is queued or running),
 malformed and oversized requests, a poison request (crashes the worker; must end quarantined, 422)
 and a forward made to hang (the watchdog must kill it; retried, it ends quarantined too). The
-poison and hang faults use the test-only hooks of `teacher_server/faults.py`, which this script
+poison and hang faults use the test-only hooks of `tests/fault_hooks/`, which this script
 turns on for its own server only. Every successful answer is checked afterwards against the model
 run in this process (`bench_load.check_exact`). Reports answers checked, mismatches (must be 0),
 client errors by kind, fault outcomes, worker restarts, quarantined requests, p50/p99 per client,
@@ -37,9 +37,11 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.bench_load import K, Recorder, check_exact, quantile  # noqa: E402
-from student_trainer.local_teacher import LocalTeacher  # noqa: E402
-from student_trainer.teacher_client import TeacherClient, TeacherError  # noqa: E402
-from teacher_server import faults  # noqa: E402
+from student_trainer.teacher.client import TeacherClient, TeacherError  # noqa: E402
+from student_trainer.teacher.local import LocalTeacher  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests" / "fault_hooks"))
+import fault_markers as faults  # noqa: E402
 
 MAX_BODY = 256 << 10  # the soak server's body limit, so that an oversized body is cheap to send
 FAULTS = ("kill9", "disconnect_body", "disconnect_queued", "malformed", "oversized", "poison", "hang")
@@ -277,7 +279,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Also write the figures to this file.")
     args = parser.parse_args()
-    os.environ[faults.ENV] = "1"  # for the server started below, and its workers
+    faults.enable(os.environ)  # for the server started below, and its workers
     os.environ["TRB_TEACHER_MAX_BODY_BYTES"] = str(MAX_BODY)
     flags = ["--forward-deadline", str(args.deadline), "--forward-deadline-per-token", "0.01", "--shutdown-grace", "5"]
     with LocalTeacher(args.model, *flags, threads=1) as teacher:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from bench.common import build_random
 from student_trainer.config import load_config
-from student_trainer.local_teacher import LocalTeacher
 from student_trainer.tasks.tokenizer import build_tokenizer
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import assemble, train_step
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.teacher.local import LocalTeacher
+from student_trainer.training.learner import train_step
+from student_trainer.training.run import assemble
 
 
 @dataclass
@@ -36,9 +38,7 @@ class Fit:
 
 
 def _save_teacher(config, device: str, dtype: torch.dtype, root: Path) -> Path:
-    from bench.bench_scale import build
-
-    model = build(config, device, dtype)
+    model = build_random(config, device, dtype)
     path = root / "teacher"
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
@@ -51,8 +51,6 @@ def _save_teacher(config, device: str, dtype: torch.dtype, root: Path) -> Path:
 def measure_pair(student_cfg, teacher_cfg, recipe: Path, device: str, lengths: tuple[int, int],
                  teacher_args: tuple[str, ...] = ()) -> Fit:
     """Warm-up step then one timed step at each response length in `lengths`."""
-    from bench.bench_scale import build
-
     fit = Fit()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with tempfile.TemporaryDirectory(prefix="whole-step-") as tmp:
@@ -62,7 +60,7 @@ def measure_pair(student_cfg, teacher_cfg, recipe: Path, device: str, lengths: t
                               *teacher_args, log=root / "teacher.log")
         try:
             server.wait_ready()
-            student = build(student_cfg, device)
+            student = build_random(student_cfg, device)
             for n in lengths:
                 seconds, tokens = asyncio.run(_step(recipe, student, server.url, device, n, root))
                 fit.points.append((n, seconds, tokens / seconds))

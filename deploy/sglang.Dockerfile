@@ -15,10 +15,11 @@ WORKDIR /app
 # torch and transformers already satisfy our lower bounds, so pip keeps them (no constraints here:
 # the image's pins win).
 COPY pyproject.toml ./
-RUN mkdir shared teacher_server student_trainer \
- && touch shared/__init__.py teacher_server/__init__.py student_trainer/__init__.py \
- && python3 -m pip install . && python3 -m pip uninstall --yes trb-distill && rm -rf shared teacher_server student_trainer build ./*.egg-info
+RUN mkdir shared decoders teacher_server student_trainer \
+ && touch shared/__init__.py decoders/__init__.py teacher_server/__init__.py student_trainer/__init__.py \
+ && python3 -m pip install . && python3 -m pip uninstall --yes trb-distill && rm -rf shared decoders teacher_server student_trainer build ./*.egg-info
 COPY shared/ shared/
+COPY decoders/ decoders/
 COPY teacher_server/ teacher_server/
 COPY student_trainer/ student_trainer/
 RUN python3 -m pip install --no-deps . && rm -rf build ./*.egg-info

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer.tasks import arithmetic
-from student_trainer.tasks.sft import evaluate
+from student_trainer.tasks.base_model import evaluate
 
 
 def parse_args() -> argparse.Namespace:

@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from student_trainer.config import load_config  # noqa: E402
-from student_trainer.local_teacher import LocalTeacher  # noqa: E402
-from student_trainer.plots import plot_comparison  # noqa: E402
-from student_trainer.run_log import read_metrics  # noqa: E402
-from student_trainer.stats import EARLY_KEYS, area_under_curve, early_quality, mean_ci95, paired_bootstrap_ci95  # noqa: E402,E501
+from student_trainer.reports.metrics_file import read_metrics  # noqa: E402
+from student_trainer.reports.plots import plot_comparison  # noqa: E402
+from student_trainer.reports.stats import EARLY_KEYS, area_under_curve, early_quality, mean_ci95, paired_bootstrap_ci95  # noqa: E402,E501
+from student_trainer.teacher.local import LocalTeacher  # noqa: E402
 
 METHODS = ["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]
 

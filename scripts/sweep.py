@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO))
 
 from scripts.reproduce import early_cells, fmt_ci, run_one, run_stats  # noqa: E402
 from student_trainer.config import load_config  # noqa: E402
-from student_trainer.local_teacher import LocalTeacher  # noqa: E402
-from student_trainer.stats import EARLY_KEYS  # noqa: E402
+from student_trainer.reports.stats import EARLY_KEYS  # noqa: E402
+from student_trainer.teacher.local import LocalTeacher  # noqa: E402
 
 
 def grid_points(grid: list[str]) -> list[list[str]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from student_trainer.tasks import arithmetic
-from student_trainer.tasks.sft import ModelShape, SFTConfig, build_model, count_parameters, evaluate, train
+from student_trainer.tasks.base_model import ModelShape, SFTConfig, build_model, count_parameters, evaluate, train
 from student_trainer.tasks.tokenizer import build_tokenizer, save_tokenizer
 
 PRESETS = {

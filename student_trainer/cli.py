@@ -1,4 +1,4 @@
-"""`trb-train --config FILE [--set key=value ...] [--resume | --check | --print-config]`."""
+"""`trb-train --config FILE [--set key=value ...] [--resume | --check | --print-config]`, and `trb-train export`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from shared.model_source import ModelSourceError
 from student_trainer.config import ConfigError, load_config
-from student_trainer.config_doc import METHODS, methods_help  # noqa: F401  (METHODS: the table)
+from student_trainer.config_doc import methods_help
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="trb-train", description="On-policy distillation with TRB.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=methods_help() + "\n\nevery config key, its type, default and meaning: docs/config.md, "
-        "or trb-train --print-config\n")
+        "or trb-train --print-config\n\ntrb-train export --help: score a dataset once for method.name=offline_kd\n")
     parser.add_argument("--config", help="YAML config (see recipes/).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a config key, e.g. --set train.steps=10 --set method.name=opd.")
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:  # a dataset scored once by a teacher server, for method.name=offline_kd
+        from student_trainer.teacher.export import main as export_main
+
+        export_main(argv[1:])
+        return
     parser = _parser()
     args = parser.parse_args(argv)
     if args.print_config and args.config is None and not args.set:
@@ -56,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         check_sources(cfg, student=not args.resume)  # before the slow imports below
     except ModelSourceError as exc:
         sys.exit(f"trb-train: {exc}")
-    from student_trainer.teacher_client import TeacherError
-    from student_trainer.train import TrainingError, train_sync
+    from student_trainer.teacher.client import TeacherError
+    from student_trainer.training.loop import TrainingError, train_sync
 
     try:
         if args.check:

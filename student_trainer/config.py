@@ -13,9 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from student_trainer.reports.trackers import check_installed
 from student_trainer.tasks.math import INSTRUCTION
 from student_trainer.tasks.math_grader import INSTALL_HINT, Grader, math_verify_installed
-from student_trainer.trackers import check_installed
 
 # docs/methods.md
 Method = Literal["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto", "offline_kd"]
@@ -88,7 +88,7 @@ class TeacherCfg(_Section):
 
 
 class MethodCfg(_Section):
-    """Who picks the rollout tokens (the loss is the same for every method)."""
+    """The distillation method: who picks the rollout tokens, and the loss (methods/plan.py; docs/methods.md)."""
 
     name: Method = Field("trb", description="Who picks rollout tokens; `trb-train --help` lists the methods.")
     eps0: float = Field(0.1, ge=0, description="Initial KL budget (nats per token) for trb / fixed_eps.")
@@ -125,7 +125,7 @@ class DataCfg(_Section):
     instruction: str = Field(INSTRUCTION, description="math: appended to every question.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict,
                                                  description="math: e.g. {enable_thinking: false} for Qwen3.")
-    offline_path: str | None = Field(None, description="offline_kd: a `trb-teacher export` folder (stored "
+    offline_path: str | None = Field(None, description="offline_kd: a `trb-train export` folder (stored "
                                      "completions and teacher top-k; docs/offline.md).")
     grader: Grader = Field("auto", description="math: answer equality by math-verify (symbolic; the math extra) or "
                            "the string normaliser; auto: math-verify when installed (docs/math.md).")
@@ -221,7 +221,7 @@ class Config(_Section):
             raise ValueError("train.precision: bf16-mixed keeps float32 master weights; set student.dtype=float32 "
                              "(student.dtype=bfloat16 with precision=fp32 trains in pure bf16)")
         if self.method.name == "offline_kd" and self.data.offline_path is None:
-            raise ValueError("data.offline_path: method.name=offline_kd trains on a `trb-teacher export` folder")
+            raise ValueError("data.offline_path: method.name=offline_kd trains on a `trb-train export` folder")
         if not self.train.max_staleness:
             if self.train.producer == "process":
                 raise ValueError("train.producer: a producer process needs train.max_staleness >= 1 (at 0 the "

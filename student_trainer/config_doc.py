@@ -2,7 +2,7 @@
 
 `trb-train --print-config` prints a resolved config as commented YAML (a file you can edit and
 pass back with --config), docs/config.md is generated from the same walk, and `trb-train --help`
-lists the methods. A field added to config.py appears in all three; its `description=` is the
+lists the methods (methods/plan.py's table). A field added to config.py appears in all three; its `description=` is the
 one-line meaning (tests/student_trainer/test_config_doc.py fails for a field without one).
 
 Regenerate the doc: `make config-doc` (python -m student_trainer.config_doc --write docs/config.md).
@@ -25,41 +25,18 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from student_trainer.config import Config
+from student_trainer.methods.plan import METHODS
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 REGENERATE = "make config-doc"
 
-# (method.name, behavior policy, loss, knobs under method.*, teacher calls): docs/methods.md has the same table;
-# `trb-train --help` and docs/config.md print it.
-METHODS = (
-    ("opd", "π_S", "reverse KL(π_S‖π̂_T)", "-",
-     "one /v1/score per batch, after the rollouts"),
-    ("trb", "μ_β* (closest to π_T within KL ε of π_S), ε annealed to 0", "reverse KL", "eps0, horizon, schedule",
-     "a session (one extend per token) while ε > 0, then as opd"),
-    ("fixed_eps", "μ_β* at a constant ε = eps0", "reverse KL", "eps0",
-     "a session (one extend per token) every step"),
-    ("skd", "π_S proposes; kept if in the teacher's top-skd_top_k, else a teacher draw", "reverse KL", "skd_top_k",
-     "a session (one extend per token) every step"),
-    ("sft_warmup", "π̂_T for horizon steps, then π_S",
-     "token cross-entropy on the teacher's tokens (sft_loss=cross_entropy) or forward KL(π̂_T‖π_S) "
-     "(sft_loss=forward_kl), then reverse KL", "horizon, sft_loss",
-     "a session (one extend per token) for horizon steps, then as opd"),
-    ("teacher_warmup", "π̂_T for horizon steps, then π_S", "reverse KL throughout", "horizon",
-     "as sft_warmup"),
-    ("veto", "π_S", "forward KL(q_β‖π_S) or reverse KL(π_S‖q_β), q_β ∝ π̂_T·sg[π_S]^β, β from veto_beta to 0",
-     "veto_beta, veto_divergence, veto_schedule", "as opd"),
-    ("offline_kd", "none: stored completions of a `trb-teacher export` (data.offline_path)",
-     "reverse KL(π_S‖π̂_T) (offline_loss=reverse_kl) or forward KL(π̂_T‖π_S) (offline_loss=forward_kl) to the "
-     "stored top-k", "offline_loss", "none in training (the export scored them once); eval's KL probe still asks"),
-)
-
-
 def methods_help() -> str:
     """The method table as plain text for `--help`."""
     lines = ["methods (method.name; π̂_T is the teacher's top-k completed in the student's shape):"]
-    for name, *fields in METHODS:
+    for row in METHODS:
+        fields = (row.behavior, row.loss, row.knobs, row.teacher_calls)
         for i, (label, text) in enumerate(zip(("behavior", "loss", "knobs", "teacher calls"), fields, strict=True)):
-            first = f"  {name:<16}" if i == 0 else " " * 18
+            first = f"  {row.name:<16}" if i == 0 else " " * 18
             lines.append(textwrap.fill(f"{label}: {text}", 100, initial_indent=first, subsequent_indent=" " * 20))
     return "\n".join(lines + ["", "Full descriptions and sources: docs/methods.md."])
 
@@ -203,6 +180,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def methods_table() -> list[str]:
+    """The method table (methods/plan.py) as markdown lines: docs/config.md and docs/methods.md hold it."""
+    out = ["| `method.name` | behavior policy | loss | knobs (`method.*`) | teacher calls |",
+           "| --- | --- | --- | --- | --- |"]
+    return out + [f"| `{r.name}` | {_cell(r.behavior)} | {_cell(r.loss)} | {_cell(r.knobs)} | {_cell(r.teacher_calls)} |"
+                  for r in METHODS]
+
+
 def markdown() -> str:
     """docs/config.md: one table per section (key, type, default, meaning), then the methods."""
     out = ["# Config reference", "",
@@ -220,10 +205,7 @@ def markdown() -> str:
         out += [f"| `{name}.{d.key}` | `{_cell(d.type)}` | `{_cell(d.default)}` | {_cell(d.description)} |"
                 for d in keys(section, "")]
         out += [""]
-    out += ["## Methods (`method.name`)", "", "| name | behavior policy | loss | knobs | teacher calls |",
-            "| --- | --- | --- | --- | --- |"]
-    out += ["| " + " | ".join([f"`{row[0]}`", *map(_cell, row[1:])]) + " |" for row in METHODS]
-    out += ["", "Details and sources: [methods.md](methods.md)."]
+    out += ["## Methods (`method.name`)", "", *methods_table(), "", "Details and sources: [methods.md](methods.md)."]
     return "\n".join(out) + "\n"
 
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from student_trainer.config import DataCfg
-from student_trainer.tasks import arithmetic, math_data
-from student_trainer.tasks import math as math_task
+from student_trainer.tasks import arithmetic, math_data, math_grader
 from student_trainer.tasks.arithmetic import Problem
 
 
@@ -53,7 +52,7 @@ class TaskData:
     @property
     def verify(self) -> Callable[[str, Problem], bool]:
         """The task's grader: (completion text, problem) -> correct."""
-        return functools.partial(math_task.verify, grader=self.cfg.grader) if self.cfg.task == "math" \
+        return functools.partial(math_grader.verify, grader=self.cfg.grader) if self.cfg.task == "math" \
             else arithmetic.verify
 
 

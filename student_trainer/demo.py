@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from student_trainer.config import ConfigError, load_config
-from student_trainer.plots import plot_run
-from student_trainer.train import train_sync
+from student_trainer.reports.plots import plot_run
+from student_trainer.training.loop import train_sync
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "arithmetic" / "trb.yaml"
 

@@ -16,12 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.protocol import ModelInfo
-from student_trainer import checkpoint, startup, trackers
+from student_trainer import startup
 from student_trainer.config import Config
 from student_trainer.data import TaskData
-from student_trainer.pipeline import producer_device
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import TrainingError
+from student_trainer.reports import trackers
+from student_trainer.rollouts.pipeline import producer_device
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training import checkpoint
+from student_trainer.training.run import TrainingError
 
 
 def _method(cfg: Config) -> str:

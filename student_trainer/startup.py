@@ -2,7 +2,7 @@
 
 The usual first-hour mistakes (a model path that is not there, a teacher that is not up, a wrong
 API key, two tokenizers) should each end in one line that names the key at fault, and a wait
-should never be silent. The run (train.py) and the dry run (`trb-train --check`, dry_run.py)
+should never be silent. The run (training/loop.py) and the dry run (`trb-train --check`, dry_run.py)
 go through these same steps.
 """
 
@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from shared.model_source import check_model_source
 from student_trainer.config import Config
+from student_trainer.methods.plan import uses_sessions
 
 if TYPE_CHECKING:  # torch comes with these: the CLI checks model paths before paying for it
     from shared.protocol import ModelInfo
-    from student_trainer.local_teacher import LocalTeacher
-    from student_trainer.teacher_client import TeacherClient
+    from student_trainer.teacher.client import TeacherClient
+    from student_trainer.teacher.local import LocalTeacher
 
 Report = Callable[[str], None]
 
@@ -54,8 +55,8 @@ def grader_note(cfg: Config, report: Report = say) -> None:
 
 def start_local_teacher(cfg: Config, log: Path, report: Report = say) -> LocalTeacher:
     """`trb-teacher serve` for teacher.model on a free loopback port; a failed start is a TeacherError."""
-    from student_trainer.local_teacher import LocalTeacher
-    from student_trainer.teacher_client import TeacherError
+    from student_trainer.teacher.client import TeacherError
+    from student_trainer.teacher.local import LocalTeacher
 
     report(f"teacher.url is null: starting a teacher server for {cfg.teacher.model} (log: {log})")
     teacher = LocalTeacher(cfg.teacher.model, threads=cfg.teacher.threads, log=log)
@@ -74,20 +75,11 @@ def _last_line(log: Path) -> str:
     return f"; its last line: {lines[-1].strip()}" if lines else ""
 
 
-# Methods that query the teacher at every rollout token, through a decoding session.
-PER_TOKEN_METHODS = ("fixed_eps", "skd", "sft_warmup", "teacher_warmup")
-
-
-def needs_sessions(cfg: Config) -> bool:
-    m = cfg.method
-    return m.name in PER_TOKEN_METHODS or (m.name == "trb" and m.eps0 > 0)
-
-
 def check_teacher_serves(cfg: Config, info: ModelInfo) -> None:
     """Refuse, before the first step, a method the teacher cannot serve (it would fail at its first rollout)."""
-    from student_trainer.teacher_client import TeacherError
+    from student_trainer.teacher.client import TeacherError
 
-    if needs_sessions(cfg) and not info.sessions:
+    if uses_sessions(cfg) and not info.sessions:
         raise TeacherError(
             f"method.name={cfg.method.name} queries the teacher at every rollout token through a decoding session, "
             f"and this teacher ({info.backend} backend) serves no sessions: serve the teacher with --backend hf or "

@@ -79,17 +79,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="Allow a non-loopback --host without API keys (trusted networks only).")
     serve.add_argument("--log-level", default="info")
-    export = sub.add_parser("export", help="Score prompts + completions through a running teacher server and "
-                            "store its top-k per position (for method.name=offline_kd; docs/offline.md).")
-    export.add_argument("--url", required=True, help="The running teacher server (trb-teacher serve).")
-    export.add_argument("--data", required=True, help=".jsonl / .json / .parquet rows of prompt + completion "
-                        "(text) or prompt_ids + completion_ids.")
-    export.add_argument("--out", required=True, help="Output folder of safetensors shards; rerun to resume.")
-    export.add_argument("--tokenizer", default=None, help="Tokenizer for text rows (the student's = the teacher's).")
-    export.add_argument("--top-k", type=int, default=20)
-    export.add_argument("--shard-rows", type=int, default=1024, help="Rows per shard (the unit of resumption).")
-    export.add_argument("--batch-rows", type=int, default=16, help="Rows per /v1/score request.")
-    export.add_argument("--timeout", type=float, default=300.0, help="Seconds one request may take.")
     return parser
 
 
@@ -102,12 +91,10 @@ def _describe(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        sys.exit("trb-teacher export is now `trb-train export` (the same arguments): it is a client of the server")
     args = _parser().parse_args(argv)
-    if args.command == "export":
-        from student_trainer.offline_export import main as export_main
-
-        export_main(args)
-        return
     overrides = {k: v for k, v in vars(args).items()
                  if v is not None and k not in ("command", "host", "port", "log_level", "insecure_no_auth")}
     try:

@@ -42,7 +42,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shared.protocol import ScoreRequest, SequenceScores
-from teacher_server import faults
 from teacher_server.backends.base import Backend, SessionState, StepArrays
 
 log = logging.getLogger("teacher_server.worker")
@@ -260,7 +259,6 @@ def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
         return
     conn.send(("ok", backend.info))
     sessions: dict[int, SessionState] = {}
-    hooks = faults.enabled()  # test-only: crash or hang on a marked request
     while True:
         try:
             op, args, drops = conn.recv()
@@ -268,8 +266,6 @@ def _serve(conn: Connection, factory: Callable[[], Backend]) -> None:
             break
         for sid in drops:
             sessions.pop(sid, None)
-        if hooks and op in ("score", "open"):
-            faults.trip([seq for r in args[0] for seq in r.sequences] if op == "score" else args[1])
         try:
             if op == "score":
                 result: Any = backend.score(*args)

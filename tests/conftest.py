@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import settings
 
-from student_trainer.local_teacher import LocalTeacher, free_port  # noqa: F401  (tests import free_port)
-from student_trainer.tasks.sft import ModelShape, build_model
+from student_trainer.tasks.base_model import ModelShape, build_model
 from student_trainer.tasks.tokenizer import build_tokenizer
+from student_trainer.teacher.local import LocalTeacher, free_port  # noqa: F401  (tests import free_port)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import make_tiny_model  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from scripts.reproduce import parse_variant, write_results
-from student_trainer.plots import plot_comparison
+from student_trainer.reports.plots import plot_comparison
 
 
 def _run(root: Path, name: str, accs: list[float], loglik: float) -> Path:

@@ -2,8 +2,8 @@
 
 import torch
 
-from student_trainer.behaviors import StepDiagnostics
-from student_trainer.rollout import summarize
+from student_trainer.methods.behaviors import StepDiagnostics
+from student_trainer.rollouts.rollout import summarize
 
 
 def test_summarize_reports_the_share_of_positions_where_beta_is_one() -> None:
@@ -20,7 +20,7 @@ def test_summarize_reports_the_share_of_positions_where_beta_is_one() -> None:
 def test_scored_logprob_is_exact_on_the_topk_and_the_tail_bound_off_it() -> None:
     import math
 
-    from student_trainer.topk import TeacherTopK, scored_logprob_of
+    from student_trainer.methods.topk import TeacherTopK, scored_logprob_of
 
     ids = torch.tensor([[3, 1], [3, 1]])
     lps = torch.log(torch.tensor([[0.5, 0.3], [0.5, 0.3]]))
@@ -32,8 +32,8 @@ def test_sampled_teacher_logprob_reads_the_target_of_each_response_token() -> No
     """Targets at position t are the teacher's distribution of the token at t + 1."""
     import math
 
-    from student_trainer.rollout import Rollout, sampled_teacher_logprob
-    from student_trainer.topk import TeacherTopK
+    from student_trainer.methods.topk import TeacherTopK
+    from student_trainer.rollouts.rollout import Rollout, sampled_teacher_logprob
 
     tokens = torch.tensor([[5, 6, 1, 2]])  # prompt 5 6, response 1 2
     loss_mask = torch.tensor([[False, True, True, False]])  # positions whose next token is a response token

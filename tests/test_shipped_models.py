@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer.tasks import arithmetic
-from student_trainer.tasks.sft import evaluate, greedy_complete
+from student_trainer.tasks.base_model import evaluate, greedy_complete
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

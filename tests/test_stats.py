@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from student_trainer.stats import area_under_curve, early_quality, mean_ci95, paired_bootstrap_ci95, t975
+from student_trainer.reports.stats import area_under_curve, early_quality, mean_ci95, paired_bootstrap_ci95, t975
 
 
 def test_mean_ci95_is_the_t_interval() -> None:

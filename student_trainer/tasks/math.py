@@ -20,8 +20,6 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from student_trainer.tasks.arithmetic import Problem
-
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -100,12 +98,3 @@ def answers_match(predicted: str, reference: str) -> bool:
         return True
     x, y = to_number(a), to_number(b)
     return x is not None and y is not None and x == y
-
-
-def verify(completion_text: str, problem: Problem, grader: str = "auto") -> bool:
-    """True when the completion's last boxed answer matches the problem's reference answer under
-    `grader` (tasks/math_grader.py: math-verify when installed, else `answers_match`)."""
-    from student_trainer.tasks.math_grader import grade  # it imports this module
-
-    predicted = last_boxed(completion_text)
-    return predicted is not None and grade(predicted, problem.answer, grader)

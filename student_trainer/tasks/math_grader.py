@@ -18,7 +18,8 @@ import importlib.util
 import threading
 from typing import Literal
 
-from student_trainer.tasks.math import answers_match
+from student_trainer.tasks.arithmetic import Problem
+from student_trainer.tasks.math import answers_match, last_boxed
 
 Grader = Literal["auto", "math_verify", "normalize"]
 INSTALL_HINT = "pip install 'trb-distill[math]'"
@@ -53,3 +54,10 @@ def grade(predicted: str, reference: str, grader: Grader = "auto") -> bool:
     if resolve(grader) == "math_verify":
         return symbolic_match(predicted, reference)
     return answers_match(predicted, reference)
+
+
+def verify(completion_text: str, problem: Problem, grader: str = "auto") -> bool:
+    """True when the completion's last boxed answer matches the problem's reference answer under
+    `grader` (math-verify when installed, else `answers_match`)."""
+    predicted = last_boxed(completion_text)
+    return predicted is not None and grade(predicted, problem.answer, grader)

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from decoders.choose import DecoderKind, make_decoder
+from decoders.kv_decode import KVDecoder
+from decoders.static_decode import StaticKVDecoder
 from shared.fingerprint import tokenizer_fingerprint
-from shared.kv_decode import KVDecoder
 from shared.protocol import ScoreRequest, SequenceScores
-from shared.static_decode import DecoderKind, StaticKVDecoder, make_decoder
 from teacher_server.backends.base import (
     Backend,
     BackendInfo,

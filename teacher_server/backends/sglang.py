@@ -29,7 +29,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.protocol import ScoreRequest, SequenceScores

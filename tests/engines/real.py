@@ -104,7 +104,7 @@ def trainer(cfg: Path, *extra: str) -> subprocess.Popen:
 
 
 def steps_logged(out: Path) -> list[dict]:
-    from student_trainer.run_log import read_metrics
+    from student_trainer.reports.metrics_file import read_metrics
 
     path = out / "metrics.jsonl"
     return [r for r in read_metrics(path) if "loss" in r] if path.exists() else []

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, ServerProcess
-from student_trainer.run_log import read_metrics
+from student_trainer.reports.metrics_file import read_metrics
 
 
 def _requests_served(url: str) -> int:

@@ -16,12 +16,14 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, ServerProcess
-from student_trainer import checkpoint
 from student_trainer.config import load_config
 from student_trainer.data import TaskData
-from student_trainer.run_log import read_metrics
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import Run, TrainingError, _loop, train_step
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training import checkpoint
+from student_trainer.training.learner import train_step
+from student_trainer.training.loop import _loop
+from student_trainer.training.run import Run, TrainingError
 
 
 def _write_cfg(path: Path, task_models: tuple[Path, Path], url: str, out: Path, steps: int, **train: object) -> Path:

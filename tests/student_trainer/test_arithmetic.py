@@ -14,7 +14,7 @@ from student_trainer.tasks.arithmetic import (
     split_of,
     verify,
 )
-from student_trainer.tasks.sft import IGNORE, encode_batch
+from student_trainer.tasks.base_model import IGNORE, encode_batch
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_trainer.behaviors import make_behavior
-from student_trainer.blend import blend_logp, kl, solve_beta
-from student_trainer.topk import TeacherTopK, complete_teacher
+from student_trainer.methods.behaviors import make_behavior
+from student_trainer.methods.blend import blend_logp, kl, solve_beta
+from student_trainer.methods.topk import TeacherTopK, complete_teacher
 
 V, K, DRAWS = 8, 3, 200_000
 NAMES = ["opd", "trb", "fixed_eps", "skd", "teacher"]

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_trainer.blend import blend_logp, kl, kl_to_student, solve_beta
+from student_trainer.methods.blend import blend_logp, kl, kl_to_student, solve_beta
 
 GRID_N = 4001  # β step 2.5e-4
 

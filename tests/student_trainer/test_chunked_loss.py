@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
-from shared.kv_decode import position_ids
-from student_trainer.chunked_loss import chunk_tokens, chunked_loss_sum
-from student_trainer.losses import loss_rows, per_token_reverse_kl, reverse_kl_loss
-from student_trainer.student_model import StudentLoss, hidden_path_matches
-from student_trainer.topk import TeacherTopK
+from decoders.kv_decode import position_ids
+from student_trainer.methods.losses import loss_rows, per_token_reverse_kl, reverse_kl_loss
+from student_trainer.methods.topk import TeacherTopK
+from student_trainer.training.chunked_loss import chunk_tokens, chunked_loss_sum
+from student_trainer.training.student_model import StudentLoss, hidden_path_matches
 
 STUDENT = REPO / "models" / "arith-student"
 

@@ -18,10 +18,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
-from student_trainer import checkpoint
 from student_trainer.config import load_config
-from student_trainer.run_log import read_metrics
-from student_trainer.train import TrainingError, train_sync
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.training import checkpoint
+from student_trainer.training.loop import TrainingError, train_sync
 
 STEPS, TOL = 4, 1e-4
 
@@ -107,7 +107,7 @@ def test_micro_batches_follow_the_same_curve(task_models, task_teacher, tmp_path
 
 def test_a_global_batch_that_does_not_split_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """batch_size is the global batch: it must divide by world size x accum_steps, checked before any work."""
-    import student_trainer.distributed as distributed
+    import student_trainer.training.distributed as distributed
 
     cfg = load_config(None, ["student.path=/nonexistent", "teacher.url=http://127.0.0.1:1", "train.batch_size=6",
                              "optim.accum_steps=2", f"train.out_dir={tmp_path / 'run'}"])

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_trainer.losses import per_token_reverse_kl, reverse_kl_loss
-from student_trainer.topk import TeacherTopK, complete_teacher
+from student_trainer.methods.losses import per_token_reverse_kl, reverse_kl_loss
+from student_trainer.methods.topk import TeacherTopK, complete_teacher
 
 B, T, V, K = 3, 5, 12, 4
 

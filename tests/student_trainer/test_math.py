@@ -15,9 +15,10 @@ from conftest import REPO
 from student_trainer.config import ConfigError, load_config
 from student_trainer.data import TaskData
 from student_trainer.tasks.arithmetic import Problem
-from student_trainer.tasks.math import answers_match, last_boxed, normalize, to_number, verify
+from student_trainer.tasks.math import answers_match, last_boxed, normalize, to_number
 from student_trainer.tasks.math_data import DataError, format_prompt, load_records
-from student_trainer.train import train_sync
+from student_trainer.tasks.math_grader import verify
+from student_trainer.training.loop import train_sync
 from tiny_model import make_tokenizer
 
 SAMPLE = REPO / "tests" / "data" / "math_sample.jsonl"

@@ -1,4 +1,4 @@
-"""Offline distillation: `trb-teacher export` against a real teacher server, its resumption after a
+"""Offline distillation: `trb-train export` against a real teacher server, its resumption after a
 crash, and `method.name=offline_kd` training on the export with the loss of the same batches scored live."""
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO
-from student_trainer import offline_export
 from student_trainer.config import ConfigError, load_config
-from student_trainer.offline_export import Example, export, load_shards, read_examples
-from student_trainer.rollout import score_targets
-from student_trainer.run_log import read_metrics
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.rollouts.targets import score_targets
 from student_trainer.tasks import arithmetic
 from student_trainer.tasks.math_data import DataError
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import assemble, train_step, train_sync
+from student_trainer.teacher import export as offline_export
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.teacher.export import Example, export, load_shards, read_examples
+from student_trainer.training.learner import train_step
+from student_trainer.training.loop import train_sync
+from student_trainer.training.run import assemble
 
 K = 8
 ROWS = 10
@@ -43,7 +45,7 @@ def exported(task_models, task_teacher, dataset, tmp_path_factory) -> Path:
     """The export through the CLI, as a user runs it: 3 shards of up to 4 rows."""
     out = tmp_path_factory.mktemp("export")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "teacher_server.cli", "export", "--url", task_teacher.url,
+    proc = subprocess.run([sys.executable, "-m", "student_trainer.cli", "export", "--url", task_teacher.url,
                            "--data", str(dataset), "--tokenizer", str(task_models[1]), "--out", str(out),
                            "--top-k", str(K), "--shard-rows", "4", "--batch-rows", "3"],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -15,10 +15,11 @@ import torch
 import yaml
 
 from conftest import REPO
-from student_trainer import checkpoint, train
 from student_trainer.config import load_config
-from student_trainer.pipeline import Batch, Pipeline, PipelineError, sampling_version
-from student_trainer.run_log import read_metrics
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.rollouts.pipeline import Batch, Pipeline, PipelineError, sampling_version
+from student_trainer.training import checkpoint
+from student_trainer.training import loop as train
 
 
 def test_sampling_version() -> None:

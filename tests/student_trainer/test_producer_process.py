@@ -15,11 +15,12 @@ from test_pipeline import _cfg, _steps
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import free_port
-from student_trainer import checkpoint, train
 from student_trainer.config import ConfigError, load_config
-from student_trainer.distributed import Dist
-from student_trainer.pipeline import Pipeline, PipelineError, producer_copy, producer_device
-from student_trainer.producer_process import ProducerDied, ProducerProcess, ProducerSpec
+from student_trainer.rollouts.pipeline import Pipeline, PipelineError, producer_copy, producer_device
+from student_trainer.rollouts.producer_process import ProducerDied, ProducerProcess, ProducerSpec
+from student_trainer.training import checkpoint
+from student_trainer.training import loop as train
+from student_trainer.training.distributed import Dist
 
 
 def _producers() -> list[multiprocessing.Process]:
@@ -119,10 +120,12 @@ def test_a_producer_that_fails_to_start_reports_why(task_models, tmp_path) -> No
 
 def test_an_error_before_the_first_step_stops_the_producer_process(task_models, task_teacher, tmp_path,
                                                                    monkeypatch) -> None:
-    def eval_fails(*args, **kwargs):
-        raise RuntimeError("eval failed")
+    async def evaluator_that_fails(run):
+        async def evaluate():
+            raise RuntimeError("eval failed")
+        return evaluate
 
-    monkeypatch.setattr(train, "evaluate_now", eval_fails)
+    monkeypatch.setattr(train, "evaluator", evaluator_that_fails)
     with pytest.raises(RuntimeError, match="eval failed"):
         train.train_sync(_cfg(task_models, task_teacher.url, tmp_path, "train.steps=2", "train.max_staleness=1",
                               "train.producer=process"))

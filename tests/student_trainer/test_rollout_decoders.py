@@ -13,11 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.qwen3_decode import Qwen3Decoder
-from shared.static_decode import make_decoder
+from decoders.choose import make_decoder
+from decoders.qwen3_decode import Qwen3Decoder
 from student_trainer.config import load_config
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.train import assemble, learn, rollout_batch
+from student_trainer.rollouts.batch import rollout_batch
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training.learner import learn
+from student_trainer.training.run import assemble
 
 STEPS = 3
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from student_trainer.behaviors import make_behavior
-from student_trainer.row_generators import RowGenerators, rows_of
-from student_trainer.topk import TeacherTopK, sample_categorical
+from student_trainer.methods.behaviors import make_behavior
+from student_trainer.methods.row_generators import RowGenerators, rows_of
+from student_trainer.methods.topk import TeacherTopK, sample_categorical
 
 B, V, K = 6, 11, 3
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from student_trainer.schedules import budget, constant, cosine, linear, zero
+from student_trainer.methods.schedules import budget, constant, cosine, linear, zero
 
 
 def test_linear():

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import distill_loss, loss_rows, next_tokens, per_token_loss, reverse_kl_loss
-from student_trainer.sft_losses import cross_entropy_rows, forward_kl_rows
-from student_trainer.topk import TeacherTopK, complete_teacher
+from student_trainer.methods.losses import distill_loss, loss_rows, next_tokens, per_token_loss, reverse_kl_loss
+from student_trainer.methods.sft_warmup import cross_entropy_rows, forward_kl_rows
+from student_trainer.methods.topk import TeacherTopK, complete_teacher
 
 B, T, V, K = 3, 5, 12, 4
 
@@ -78,4 +78,4 @@ def test_unknown_loss_and_missing_teacher_are_refused():
     with pytest.raises(ValueError, match="unknown loss"):
         per_token_loss(logits, teacher, mask, "jsd")
     with pytest.raises(ValueError, match="teacher"):
-        per_token_loss(logits, None, mask, "veto_forward", beta=0.5)
+        per_token_loss(logits, None, mask, "veto_forward", veto_beta=0.5)

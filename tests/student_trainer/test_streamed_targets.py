@@ -1,4 +1,4 @@
-"""Student-only rollouts get their teacher targets while they sample (streamed_targets.py): the same
+"""Student-only rollouts get their teacher targets while they sample (rollouts/targets.py): the same
 tokens as without streaming, the same targets as one /v1/score of the finished batch, and a fall back
 to that call when the session is lost or refused."""
 
@@ -13,14 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO
-from student_trainer.behaviors import make_behavior
 from student_trainer.config import load_config
-from student_trainer.rollout import Rollout, generate, score_targets
-from student_trainer.row_generators import RowGenerators
-from student_trainer.run_log import read_metrics
-from student_trainer.streamed_targets import refused
-from student_trainer.teacher_client import TeacherClient, TeacherError
-from student_trainer.train import train_sync
+from student_trainer.methods.behaviors import make_behavior
+from student_trainer.methods.row_generators import RowGenerators
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.rollouts.generate import generate
+from student_trainer.rollouts.rollout import Rollout
+from student_trainer.rollouts.targets import refused, score_targets
+from student_trainer.teacher.client import TeacherClient, TeacherError
+from student_trainer.training.loop import train_sync
 
 K, MAX_NEW = 8, 12
 STUDENT = REPO / "models" / "arith-student"

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import ServerProcess
-from student_trainer.teacher_client import (
+from student_trainer.teacher.client import (
     TeacherClient,
     TeacherError,
     TokenizerMismatch,

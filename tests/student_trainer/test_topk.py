@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_trainer.blend import blend_logp, kl, kl_to_student, solve_beta
-from student_trainer.topk import (
+from student_trainer.methods.blend import blend_logp, kl, kl_to_student, solve_beta
+from student_trainer.methods.topk import (
     TAIL_LOG_FLOOR,
     TeacherTopK,
     complete_teacher,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from student_trainer import trackers
 from student_trainer.config import ConfigError, load_config
-from student_trainer.run_log import read_metrics
-from student_trainer.train import train_sync
+from student_trainer.reports import trackers
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.training.loop import train_sync
 
 STEPS = 2
 # trackio keeps its store where TRACKIO_DIR pointed when it was first imported, which may be a shared
@@ -65,7 +65,7 @@ class _Fake:
 
 
 def test_run_log_feeds_trackers_and_resume_keeps_their_run_ids(tmp_path, monkeypatch) -> None:
-    from student_trainer.run_log import RunLog
+    from student_trainer.reports.run_log import RunLog
 
     monkeypatch.setitem(trackers._CLASSES, "fake", _Fake)
     (fake,) = trackers.open_trackers(["fake"], tmp_path, {}, "run", "p")

@@ -15,15 +15,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO
-from shared.kv_decode import position_ids
-from student_trainer.behaviors import make_behavior
+from decoders.kv_decode import position_ids
 from student_trainer.config import ConfigError, load_config
-from student_trainer.losses import reverse_kl_loss
-from student_trainer.rollout import generate, score_targets
-from student_trainer.run_log import read_metrics
-from student_trainer.teacher_client import TeacherClient
-from student_trainer.topk import TeacherTopK
-from student_trainer.train import TrainingError, train_sync
+from student_trainer.methods.behaviors import make_behavior
+from student_trainer.methods.losses import reverse_kl_loss
+from student_trainer.methods.topk import TeacherTopK
+from student_trainer.reports.metrics_file import read_metrics
+from student_trainer.rollouts.generate import generate
+from student_trainer.rollouts.targets import score_targets
+from student_trainer.teacher.client import TeacherClient
+from student_trainer.training.loop import TrainingError, train_sync
 from teacher_server.backends.base import topk_with_tail
 
 K = 8
@@ -254,12 +255,14 @@ def test_every_method_is_in_the_help_table_the_docs_and_reproduce() -> None:
 
     from student_trainer import cli
     from student_trainer.config import Method
+    from student_trainer.config_doc import methods_table
+    from student_trainer.methods.plan import METHODS
 
     names = set(get_args(Method))
-    assert {row[0] for row in cli.METHODS} == names
+    assert {row.name for row in METHODS} == names
     assert all(f"  {name} " in cli.methods_help() for name in names)
     doc = (REPO / "docs" / "methods.md").read_text()
-    assert set(re.findall(r"^\| `(\w+)` \|", doc, re.M)) == names
+    assert "\n".join(methods_table()) in doc, "docs/methods.md: paste `make config-doc`'s method table (docs/config.md)"
     reproduce = (REPO / "scripts" / "reproduce.py").read_text()
     offline = {"offline_kd"}  # trains on a stored export, not on the comparison's rollouts
     assert set(ast.literal_eval(re.search(r"^METHODS = (\[.*\])$", reproduce, re.M).group(1))) == names - offline

@@ -7,11 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_trainer.blend import kl
-from student_trainer.losses import LOSSES, per_token_loss
-from student_trainer.sft_losses import forward_kl_rows
-from student_trainer.topk import TeacherTopK, complete_teacher, log1mexp, topk_reverse_kl
-from student_trainer.veto import veto_beta, veto_loss_rows, veto_target
+from student_trainer.methods.blend import kl
+from student_trainer.methods.losses import LOSSES, per_token_loss
+from student_trainer.methods.schedules import veto_beta
+from student_trainer.methods.sft_warmup import forward_kl_rows
+from student_trainer.methods.topk import TeacherTopK, complete_teacher, log1mexp, topk_reverse_kl
+from student_trainer.methods.veto import veto_loss_rows, veto_target
 
 N, V, K = 4, 30, 5
 

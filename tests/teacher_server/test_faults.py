@@ -1,6 +1,6 @@
 """A shared teacher under faults: a hung forward, a request that kills the model, SIGTERM mid-forward.
 
-The faults are caused through the test-only hooks of `teacher_server/faults.py`.
+The faults are caused through the test-only hooks of `tests/fault_hooks/` (nothing of them ships in the server).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fault_hooks import fault_markers as faults
 
 from conftest import ServerProcess
 from shared.protocol import ErrorCode, ScoreRequest
-from student_trainer.teacher_client import TeacherClient, TeacherError
-from teacher_server import faults
+from student_trainer.teacher.client import TeacherClient, TeacherError
 from teacher_server.backends.factory import load_backend
 from teacher_server.settings import ServerSettings
 from teacher_server.worker import ProcessBackend, WorkerCrashed, WorkerHung
@@ -27,7 +27,10 @@ CRASH, HANG = list(faults.CRASH), list(faults.HANG)
 
 @pytest.fixture()
 def hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(faults.ENV, "1")  # inherited by the workers and servers started below
+    env = dict(os.environ)
+    faults.enable(env)
+    for key in (faults.ENV, "PYTHONPATH"):  # inherited by the workers and servers started below
+        monkeypatch.setenv(key, env[key])
 
 
 def _metric(url: str, name: str) -> float:

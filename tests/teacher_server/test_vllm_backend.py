@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from conftest import ServerProcess, free_port
 from shared import codec
 from shared.protocol import ScoreRequest, ScoreResponse
-from student_trainer.streamed_targets import TargetStream
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.rollouts.targets import TargetStream
+from student_trainer.teacher.client import TeacherClient
 from teacher_server.backends.vllm import DUMMY, VLLMBackend, batches, sequence_scores, split_entry, vllm_dtype
 from teacher_server.backends.vllm_transport import Entry, VLLMError, error_message
 from teacher_server.settings import ServerSettings

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ServerProcess, f32_diff
 from shared.protocol import ScoreRequest
-from student_trainer.teacher_client import TeacherClient
+from student_trainer.teacher.client import TeacherClient
 from teacher_server.backends.base import Backend
 from teacher_server.backends.factory import load_backend
 from teacher_server.backends.hf import HFBackend
