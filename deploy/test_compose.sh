@@ -170,7 +170,7 @@ models() {
 import sys
 from pathlib import Path
 
-from student_trainer.tasks.sft import ModelShape, build_model
+from student_trainer.tasks.base_model import ModelShape, build_model
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 root, tok = Path(sys.argv[1]), build_tokenizer()
