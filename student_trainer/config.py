@@ -48,8 +48,29 @@ class StudentCfg(_Section):
         return name
 
 
+class OtherTeacher(_Section):
+    """One more teacher of a multi-teacher run: a running server, or a model the trainer serves locally."""
+
+    url: str | list[str] | None = Field(None, description="Running teacher server, or a list of replicas.")
+    model: str | None = Field(None, description="Teacher model for a local server (when url is null).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OtherTeacher:
+        if self.url is None and self.model is None:
+            raise ValueError("set url (a running server) or model (start one locally)")
+        return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url or [])
+
+
+DEFAULT_TEACHER = "default"
+
+
 class TeacherCfg(_Section):
-    """Where teacher logprobs come from: a running `trb-teacher serve`, or one the trainer starts."""
+    """Where teacher logprobs come from: a running `trb-teacher serve`, or one the trainer starts; with
+    `others` and `route`, several teachers, each training row scored by its own (docs/multi-teacher.md)."""
 
     url: str | list[str] | None = Field(None, description="Running teacher server, or a list of replicas "
                                         "(least-loaded routing, sessions pinned); null starts one locally.")
@@ -73,13 +94,30 @@ class TeacherCfg(_Section):
                                      "so the step waits only for the last chunk's scoring; 0 (or max_new_tokens "
                                      "at most this): one /v1/score call after sampling.")
 
+    others: dict[str, OtherTeacher] = Field(default_factory=dict, description="More teachers by id (multi-"
+                                            "teacher distillation), each {url: ...} or {model: ...}; they share "
+                                            "top_k, api_key and the timeouts, and the student's tokenizer.")
+    route: dict[str, str] = Field(default_factory=dict, description="Which teacher scores a training row: the "
+                                  "first key that its prompt contains names the teacher id (e.g. {'*': mul}); "
+                                  "other rows go to the teacher above (id `default`).")
+
     @model_validator(mode="after")
     def _one_source(self) -> TeacherCfg:
         if self.url is None and self.model is None:
             raise ValueError("teacher: set teacher.url (a running server) or teacher.model (start one locally)")
         if self.url == []:
             raise ValueError("teacher.url: an empty list; give one URL or several replicas")
+        if DEFAULT_TEACHER in self.others:
+            raise ValueError(f"teacher.others: `{DEFAULT_TEACHER}` is the id of the teacher set by teacher.url/model")
+        known = {DEFAULT_TEACHER, *self.others}
+        for key, teacher in self.route.items():
+            if teacher not in known:
+                raise ValueError(f"teacher.route: {key!r} names teacher {teacher!r}; known ids: {sorted(known)}")
         return self
+
+    def teacher_of(self, prompt: str) -> str:
+        """The id of the teacher that scores a training row with this prompt."""
+        return next((t for key, t in self.route.items() if key in prompt), DEFAULT_TEACHER)
 
     @property
     def urls(self) -> list[str]:

@@ -184,7 +184,7 @@ def methods_table() -> list[str]:
     """The method table (methods/plan.py) as markdown lines: docs/config.md and docs/methods.md hold it."""
     out = ["| `method.name` | behavior policy | loss | knobs (`method.*`) | teacher calls |",
            "| --- | --- | --- | --- | --- |"]
-    return out + [f"| `{r.name}` | {_cell(r.behavior)} | {_cell(r.loss)} | {_cell(r.knobs)} | {_cell(r.teacher_calls)} |"
+    return out + [f"| `{r.name}` | " + " | ".join(map(_cell, (r.behavior, r.loss, r.knobs, r.teacher_calls))) + " |"
                   for r in METHODS]
 
 

@@ -9,6 +9,7 @@ so it fits before a long job or a compose stack: a mistake costs seconds, not th
 from __future__ import annotations
 
 import tempfile
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.protocol import ModelInfo
 from student_trainer import startup
-from student_trainer.config import Config
+from student_trainer.config import DEFAULT_TEACHER, Config
 from student_trainer.data import TaskData
 from student_trainer.reports import trackers
 from student_trainer.rollouts.pipeline import producer_device
-from student_trainer.teacher.client import TeacherClient
 from student_trainer.training import checkpoint
 from student_trainer.training.run import TrainingError
 
@@ -91,17 +91,18 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     lines = [("student", f"{source} ({how}): {params / 1e6:.2f}M parameters, {cfg.student.dtype} on "
                          f"{cfg.student.device}")]
     data_line, longest_prompt = _data(cfg, tokenizer)
-    local = None
-    if cfg.teacher.url is None:
-        log = Path(tempfile.gettempdir()) / f"trb-check-teacher-{out.name}.log"
-        local = startup.start_local_teacher(cfg, log)
+    local = {}
     try:
-        async with TeacherClient(cfg.teacher.urls or [local.url], client_id="trainer:check",
-                                 timeout=cfg.teacher.timeout_s, api_key=cfg.teacher.api_key) as client:
-            info = await startup.connect(client, cfg, tokenizer)
+        for tid, model in startup.local_teachers(cfg).items():
+            log = Path(tempfile.gettempdir()) / f"trb-check-teacher-{tid}-{out.name}.log"
+            local[tid] = startup.start_local_teacher(cfg, log, model=model)
+        async with AsyncExitStack() as stack:
+            urls = startup.teacher_urls(cfg, {tid: [t.url] for tid, t in local.items()})
+            teachers = await startup.open_teachers(stack, cfg, urls, "trainer:check", tokenizer)
+            info = await teachers[DEFAULT_TEACHER].model_info()
     finally:
-        if local is not None:
-            local.stop()
+        for teacher in local.values():
+            teacher.stop()
     _teacher_limits(cfg, info, longest_prompt + cfg.train.max_new_tokens)
     where = f"{', '.join(cfg.teacher.urls)}: {info.model}" if cfg.teacher.urls else \
         f"{cfg.teacher.model} (a local server, started and stopped)"
@@ -111,6 +112,9 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     lines += [("teacher", f"{where}: {info.backend} ({info.dtype}), vocab {info.vocab_size}, max_context "
                           f"{info.max_context}, {'sessions' if info.sessions else 'no sessions'}, {tail}, "
                           f"tokenizer fingerprint {info.tokenizer_fingerprint} = the student's"),
+              *[(f"teacher {tid}", f"{', '.join(urls[tid])}: ready, the student's tokenizer, scores the rows "
+                                   f"whose prompt contains {[k for k, v in cfg.teacher.route.items() if v == tid]}")
+                for tid in cfg.teacher.others],
               ("method", _method(cfg)),
               ("data", data_line),
               ("run", f"{t.steps} steps x {t.batch_size} rollouts = {t.steps * t.batch_size} rollouts of up to "

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.model_source import check_model_source
-from student_trainer.config import Config
+from student_trainer.config import DEFAULT_TEACHER, Config
 from student_trainer.methods.plan import uses_sessions
 
 if TYPE_CHECKING:  # torch comes with these: the CLI checks model paths before paying for it
@@ -53,13 +54,28 @@ def grader_note(cfg: Config, report: Report = say) -> None:
                f"(it under-credits equivalent forms; {INSTALL_HINT} for symbolic grading)")
 
 
-def start_local_teacher(cfg: Config, log: Path, report: Report = say) -> LocalTeacher:
-    """`trb-teacher serve` for teacher.model on a free loopback port; a failed start is a TeacherError."""
+def local_teachers(cfg: Config) -> dict[str, str]:
+    """{teacher id: model} of the teachers the trainer serves itself (those without a url)."""
+    t = cfg.teacher
+    models = {DEFAULT_TEACHER: t.model} if t.url is None else {}
+    return models | {tid: o.model for tid, o in t.others.items() if o.url is None}
+
+
+def teacher_urls(cfg: Config, local: dict[str, list[str]]) -> dict[str, list[str]]:
+    """{teacher id: replica URLs}: the configured ones, and `local` for the teachers the trainer serves."""
+    configured = {DEFAULT_TEACHER: cfg.teacher.urls} | {tid: o.urls for tid, o in cfg.teacher.others.items()}
+    return {tid: urls or local[tid] for tid, urls in configured.items()}
+
+
+def start_local_teacher(cfg: Config, log: Path, report: Report = say, model: str | None = None) -> LocalTeacher:
+    """`trb-teacher serve` for `model` (default: teacher.model) on a free loopback port; a failed start is a
+    TeacherError."""
     from student_trainer.teacher.client import TeacherError
     from student_trainer.teacher.local import LocalTeacher
 
-    report(f"teacher.url is null: starting a teacher server for {cfg.teacher.model} (log: {log})")
-    teacher = LocalTeacher(cfg.teacher.model, threads=cfg.teacher.threads, log=log)
+    model = model or cfg.teacher.model
+    report(f"teacher url is null: starting a teacher server for {model} (log: {log})")
+    teacher = LocalTeacher(model, threads=cfg.teacher.threads, log=log)
     try:
         return teacher.wait_ready(cfg.teacher.ready_timeout_s, report=report)
     except (RuntimeError, TimeoutError) as exc:
@@ -93,3 +109,16 @@ async def connect(client: TeacherClient, cfg: Config, tokenizer: Any, report: Re
     info = await client.check_tokenizer(tokenizer)
     check_teacher_serves(cfg, info)
     return info
+
+
+async def open_teachers(stack: AsyncExitStack, cfg: Config, urls: dict[str, list[str]], client_id: str,
+                        tokenizer: Any, report: Report = say) -> dict[str, TeacherClient]:
+    """{teacher id: client}, each connected (ready, the student's tokenizer, able to serve the method), closed
+    with `stack`."""
+    from student_trainer.teacher.client import TeacherClient
+
+    teachers = {}
+    for tid, replicas in urls.items():
+        teachers[tid] = await stack.enter_async_context(TeacherClient.for_run(cfg.teacher, replicas, client_id))
+        await connect(teachers[tid], cfg, tokenizer, report=report)
+    return teachers

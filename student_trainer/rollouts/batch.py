@@ -6,6 +6,7 @@ split or producer (inline, a thread, a process: pipeline.py) rolls out the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -28,7 +29,7 @@ class RolloutSource(Protocol):
 
     cfg: Config
     tokenizer: Any
-    teacher: TeacherClient
+    teachers: dict[str, TeacherClient]  # by id: a row is rolled out with the teacher that `teacher.route` names
     data: TaskData
     dist: Dist
     offline: OfflineData | None
@@ -47,21 +48,33 @@ async def rollout_batch(source: RolloutSource, step: int, policy: torch.nn.Modul
     name, eps = plan.behavior_plan(cfg, step)
     behavior = make_behavior(name, k_skd=cfg.method.skd_top_k) if name == "skd" else make_behavior(name)
     problems = source.data.train_batch(step, cfg.train.batch_size)[rows.start : rows.stop]
-    return [await _rollout(source, problems[i : i + per_rollout], rows[i : i + per_rollout], behavior, eps, step,
-                           policy)
-            for i in range(0, len(rows), per_rollout)]
+    rollouts = []
+    for i in range(0, len(rows), per_rollout):
+        for teacher, part in _by_teacher(cfg, problems[i : i + per_rollout], rows[i : i + per_rollout]):
+            rollouts.append(await _rollout(source, [problems[r - rows.start] for r in part], part, behavior, eps,
+                                           step, policy, source.teachers[teacher]))
+    return rollouts
 
 
-async def _rollout(source: RolloutSource, problems: list, rows: range, behavior: Behavior, eps: float, step: int,
-                   policy: torch.nn.Module) -> Rollout:
+def _by_teacher(cfg: Config, problems: list, rows: range) -> list[tuple[str, list[int]]]:
+    """The rows split by the teacher that scores them (teacher.route), in order of first appearance;
+    one group, all of `rows`, with a single teacher."""
+    groups: dict[str, list[int]] = {}
+    for problem, row in zip(problems, rows, strict=True):
+        groups.setdefault(cfg.teacher.teacher_of(problem.prompt), []).append(row)
+    return list(groups.items())
+
+
+async def _rollout(source: RolloutSource, problems: list, rows: Sequence[int], behavior: Behavior, eps: float,
+                   step: int, policy: torch.nn.Module, teacher: TeacherClient) -> Rollout:
     """Rollouts of global batch rows `rows`, each row sampled from its own (seed, step, row) stream."""
     cfg, tok = source.cfg, source.tokenizer
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
     generator = RowGenerators.seeded(cfg.train.seed, step, rows, next(policy.parameters()).device)
     policy.eval()
-    rollout = await generate(policy, prompts, behavior, eps, source.teacher, cfg.teacher.top_k,
+    rollout = await generate(policy, prompts, behavior, eps, teacher, cfg.teacher.top_k,
                              cfg.train.max_new_tokens, tok.eos_token_id, tok.pad_token_id, generator,
                              decoder=cfg.student.decoder, stream_chunk=cfg.teacher.stream_chunk_tokens)
     if rollout.targets is None:
-        rollout.targets = await score_targets(rollout, source.teacher, cfg.teacher.top_k, tok.pad_token_id)
+        rollout.targets = await score_targets(rollout, teacher, cfg.teacher.top_k, tok.pad_token_id)
     return rollout

@@ -16,7 +16,7 @@ import torch
 from decoders.choose import make_decoder
 from student_trainer.methods.behaviors import Behavior, StepDiagnostics
 from student_trainer.methods.row_generators import Generator, rows_of
-from student_trainer.rollouts.rollout import Rollout, left_pad
+from student_trainer.rollouts.rollout import Rollout
 from student_trainer.rollouts.targets import TargetStream, place, route
 from student_trainer.teacher.client import TeacherClient
 
@@ -92,22 +92,14 @@ async def generate(student: torch.nn.Module, prompts: list[list[int]], behavior:
         if stream is not None:
             await stream.close()
 
-    width = int(lengths.max())
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    p = prompt_ids.shape[1]
-    response_mask = torch.arange(width)[None, :] < lengths[:, None]
-    tokens = torch.cat([prompt_ids, new_tokens[:, :width]], dim=1)
-    attention = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    loss_mask[:, p - 1 : p - 1 + width] = response_mask
-    rollout = Rollout(tokens, attention, loss_mask, p, lengths, diagnostics=_to_host(diagnostics),
-                      teacher_rebuilds=session.rebuilds if session else stream.rebuilds if stream else 0)
-    if use_teacher:
-        rollout.targets = place(target_ids[:, :width], target_lps[:, :width], target_tail[:, :width], p,
-                                 tokens.shape[1])
-    elif streamed is not None:
-        rollout.targets = place(streamed.ids[:, :width], streamed.logprobs[:, :width],
-                                 streamed.tail_logprob[:, :width], p, tokens.shape[1])
+    rollout = Rollout.of_responses(prompts, new_tokens, lengths, pad_id)
+    rollout.diagnostics = _to_host(diagnostics)
+    rollout.teacher_rebuilds = session.rebuilds if session else stream.rebuilds if stream else 0
+    targets = (target_ids, target_lps, target_tail) if use_teacher else \
+        (streamed.ids, streamed.logprobs, streamed.tail_logprob) if streamed is not None else None
+    if targets is not None:
+        width, p = int(lengths.max()), rollout.prompt_width
+        rollout.targets = place(*(x[:, :width] for x in targets), p, rollout.tokens_B_T.shape[1])
     return rollout
 
 

@@ -30,6 +30,7 @@ import pickle
 import signal
 import sys
 import traceback
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -38,7 +39,7 @@ import torch
 import torch.multiprocessing as mp
 
 from student_trainer import startup
-from student_trainer.config import Config
+from student_trainer.config import DEFAULT_TEACHER, Config
 from student_trainer.data import TaskData
 from student_trainer.rollouts.batch import RolloutSource, rollout_batch
 from student_trainer.rollouts.offline_data import OfflineData
@@ -59,16 +60,17 @@ class ProducerSpec:
 
     cfg: Config
     tokenizer: Any
-    urls: list[str]  # the trainer's teacher replicas (a local teacher's URL included)
-    client_id: str  # the trainer's: one fair-share client on the server
+    urls: dict[str, list[str]]  # the trainer's teachers by id, their replicas (local teachers' URLs included)
+    client_id: str  # the trainer's: one fair-share client on each server
     rank: int
     world: int
     device: torch.device
 
     @classmethod
     def of(cls, run: RolloutSource, device: torch.device) -> ProducerSpec:
-        return cls(run.cfg, run.tokenizer, [r.url for r in run.teacher.replicas], run.teacher.client_id,
-                   run.dist.rank, run.dist.world, device)
+        urls = {tid: [r.url for r in client.replicas] for tid, client in run.teachers.items()}
+        return cls(run.cfg, run.tokenizer, urls, run.teachers[DEFAULT_TEACHER].client_id, run.dist.rank,
+                   run.dist.world, device)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ProducerRun:
 
     cfg: Config
     tokenizer: Any
-    teacher: TeacherClient
+    teachers: dict[str, TeacherClient]
     data: TaskData
     dist: Dist
     offline: OfflineData | None
@@ -186,13 +188,11 @@ def _main(spec: ProducerSpec, policy: torch.nn.Module, commands: Connection, rep
 
 async def _serve(spec: ProducerSpec, policy: torch.nn.Module, commands: Connection, replies: Connection) -> None:
     cfg, tok = spec.cfg, spec.tokenizer
-    async with TeacherClient(spec.urls, client_id=spec.client_id, timeout=cfg.teacher.timeout_s,
-                             retries=cfg.teacher.retries, retry_for_s=cfg.teacher.retry_for_s,
-                             api_key=cfg.teacher.api_key) as client:
-        await startup.connect(client, cfg, tok, report=startup.quiet)
+    async with AsyncExitStack() as stack:
+        teachers = await startup.open_teachers(stack, cfg, spec.urls, spec.client_id, tok, report=startup.quiet)
         offline = OfflineData.open(cfg.data.offline_path, tok.pad_token_id, cfg.data.seed) \
             if cfg.method.name == "offline_kd" else None
-        run = ProducerRun(cfg, tok, client, TaskData(cfg.data, tok), Dist(spec.rank, spec.world, spec.device),
+        run = ProducerRun(cfg, tok, teachers, TaskData(cfg.data, tok), Dist(spec.rank, spec.world, spec.device),
                           offline)
         replies.send_bytes(pickle.dumps(("ready",)))
         while (command := _command(commands)) is not None:

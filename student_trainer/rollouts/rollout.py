@@ -49,6 +49,20 @@ class Rollout:
                        self.loss_mask_B_T[start:stop, first:last], self.prompt_width - first,
                        self.response_lens_B[start:stop], targets)
 
+    @classmethod
+    def of_responses(cls, prompts: list[list[int]], new_tokens_B_N: torch.Tensor, lengths_B: torch.Tensor,
+                     pad_id: int) -> Rollout:
+        """The batch layout above around sampled responses (row b's first `lengths_B[b]` new tokens)."""
+        width = int(lengths_B.max())
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+        p = prompt_ids.shape[1]
+        response_mask = torch.arange(width)[None, :] < lengths_B[:, None]
+        tokens = torch.cat([prompt_ids, new_tokens_B_N[:, :width]], dim=1)
+        attention = torch.cat([prompt_mask, response_mask.long()], dim=1)
+        loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        loss_mask[:, p - 1 : p - 1 + width] = response_mask
+        return cls(tokens, attention, loss_mask, p, lengths_B)
+
     def responses(self) -> list[list[int]]:
         p = self.prompt_width
         return [self.tokens_B_T[b, p : p + int(n)].tolist() for b, n in enumerate(self.response_lens_B)]

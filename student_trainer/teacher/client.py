@@ -38,6 +38,7 @@ from shared.protocol import (
     SessionExtendRequest,
     SessionStep,
 )
+from student_trainer.config import TeacherCfg
 from student_trainer.methods.topk import TeacherTopK
 
 _RETRY_STATUS = {429, 502, 503, 504}  # never a 4xx: a 422 `quarantined` request would crash the teacher again
@@ -123,6 +124,12 @@ class TeacherClient:
         self.url = ", ".join(r.url for r in self.replicas)
         self._fingerprint: str | None = None  # the student's, once check_tokenizer has passed
         self.stream_targets = True  # False once a server refused a streamed-targets session (rollouts/targets.py)
+
+    @classmethod
+    def for_run(cls, cfg: TeacherCfg, urls: Sequence[str], client_id: str) -> TeacherClient:
+        """A trainer's client of one teacher, with the run's timeouts, retries and key."""
+        return cls(urls, client_id=client_id, timeout=cfg.timeout_s, retries=cfg.retries,
+                   retry_for_s=cfg.retry_for_s, api_key=cfg.api_key)
 
     async def __aenter__(self) -> TeacherClient:
         return self

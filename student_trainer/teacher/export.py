@@ -174,8 +174,9 @@ def _say(message: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trb-train export", description="Score prompts + completions through a running teacher server and "
-                            "store its top-k per position (for method.name=offline_kd; docs/offline.md).")
+    parser = argparse.ArgumentParser(prog="trb-train export", description="Score prompts + completions through a "
+                                     "running teacher server and store its top-k per position (for "
+                                     "method.name=offline_kd; docs/offline.md).")
     parser.add_argument("--url", required=True, help="The running teacher server (trb-teacher serve).")
     parser.add_argument("--data", required=True, help=".jsonl / .json / .parquet rows of prompt + completion "
                         "(text) or prompt_ids + completion_ids.")

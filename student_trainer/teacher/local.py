@@ -32,7 +32,7 @@ class LocalTeacher:
             cmd += ["--threads", str(threads)]
         self._log = open(log, "a") if log else open(os.devnull, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
+                                     cwd=Path(__file__).resolve().parents[2])  # the repository root
 
     def wait_ready(self, timeout_s: float = 300.0, report: Callable[[str], None] | None = None,
                    report_every_s: float = 15.0) -> LocalTeacher:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,17 +71,15 @@ def accuracy(student: torch.nn.Module, tokenizer, problems: list[Problem], max_n
     return acc
 
 
-async def evaluator(run: Run) -> Callable[[], Awaitable[dict[str, Any]]]:
+async def evaluator(run: Run) -> Callable[[], dict[str, Any]]:
     """Rank 0's eval at the run's current step (held-out accuracy and the KL probe, built once here);
     the other ranks' returns nothing."""
     if not run.dist.main:
-        async def nothing() -> dict[str, Any]:
-            return {}
-        return nothing
+        return dict
     probe = await build_probe(run.data.probe_set(), run.tokenizer, run.teacher, run.cfg.teacher.top_k)
     eval_set = run.data.eval_set()
 
-    async def at_this_step() -> dict[str, Any]:
+    def at_this_step() -> dict[str, Any]:
         run.policy.eval()
         cfg = run.cfg
         return {"step": run.step,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from student_trainer import startup
-from student_trainer.config import Config
+from student_trainer.config import DEFAULT_TEACHER, Config
 from student_trainer.reports import trackers
 from student_trainer.reports.run_log import NullLog, RunLog, quiet_transformers
 from student_trainer.rollouts.batch import rollout_batch
 from student_trainer.rollouts.pipeline import Pipeline, producer_copy, producer_device
 from student_trainer.rollouts.producer_process import ProducerProcess, ProducerSpec
-from student_trainer.teacher.client import TeacherClient
 from student_trainer.training import checkpoint, distributed
 from student_trainer.training.distributed import Dist
 from student_trainer.training.evaluation import evaluator
@@ -80,22 +80,22 @@ async def _setup(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     source = str(ckpt) if ckpt else cfg.student.path
     student = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.student.dtype)).to(d.device)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    local = None
-    if cfg.teacher.url is None and d.main:  # one local teacher, shared by every rank
-        local = startup.start_local_teacher(cfg, out / "teacher.log")
-    urls = cfg.teacher.urls or distributed.broadcast(d, [local.url] if local else None)
+    local = {}  # the teachers the trainer serves itself: one each, shared by every rank
     try:
-        async with TeacherClient(urls, client_id=f"trainer:{out.name}", timeout=cfg.teacher.timeout_s,
-                                 retries=cfg.teacher.retries, retry_for_s=cfg.teacher.retry_for_s,
-                                 api_key=cfg.teacher.api_key) as client:
-            await startup.connect(client, cfg, tokenizer, report=startup.say if d.main else startup.quiet)
-            run = assemble(cfg, student, tokenizer, client, out, d)
+        for tid, model in (startup.local_teachers(cfg) if d.main else {}).items():
+            log = out / ("teacher.log" if tid == DEFAULT_TEACHER else f"teacher-{tid}.log")
+            local[tid] = startup.start_local_teacher(cfg, log, model=model)
+        urls = startup.teacher_urls(cfg, distributed.broadcast(d, {tid: [t.url] for tid, t in local.items()}))
+        async with AsyncExitStack() as stack:
+            teachers = await startup.open_teachers(stack, cfg, urls, f"trainer:{out.name}", tokenizer,
+                                                   report=startup.say if d.main else startup.quiet)
+            run = assemble(cfg, student, tokenizer, teachers[DEFAULT_TEACHER], out, d, teachers)
             if ckpt:
                 restore(run, ckpt)
             return await _loop(run)
     finally:
-        if local is not None:
-            local.stop()
+        for teacher in local.values():
+            teacher.stop()
 
 
 async def _loop(run: Run) -> dict[str, Any]:
@@ -107,7 +107,7 @@ async def _loop(run: Run) -> dict[str, Any]:
     # before the first eval, so a producer process starts up meanwhile
     pipe = _start_producer(run) if cfg.train.max_staleness else None
     try:
-        first = await evaluate() if run.step == 0 else None
+        first = evaluate() if run.step == 0 else None
         if first:
             log.log(first)
         started, bad = time.perf_counter(), 0
@@ -121,12 +121,12 @@ async def _loop(run: Run) -> dict[str, Any]:
                                     f"grad_norm={record['grad_norm']}); lower optim.lr or check the teacher")
             run.step += 1
             if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < cfg.train.steps:
-                record.update(await evaluate())
+                record.update(evaluate())
             log.log(record)
             log.advance(record)
             if cfg.train.save_every and run.step % cfg.train.save_every == 0:
                 save(run, await pipe.in_flight(run.step) if pipe else None)
-        last = await evaluate()
+        last = evaluate()
         log.log({**last, "final": True})
         save(run)
         distributed.barrier(run.dist)  # every rank returns once the last checkpoint is on disk

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from student_trainer.config import Config
+from student_trainer.config import DEFAULT_TEACHER, Config
 from student_trainer.data import TaskData
 from student_trainer.rollouts.offline_data import OfflineData
 from student_trainer.rollouts.pipeline import Batch
@@ -45,8 +45,10 @@ class Run:
     dist: Dist = field(default_factory=Dist)
     in_flight: dict[int, Batch] = field(default_factory=dict)  # restored from a checkpoint (pipeline.py)
     offline: OfflineData | None = None  # offline_kd's stored batches
+    teachers: dict[str, TeacherClient] = field(default_factory=dict)  # by id (teacher.others); `teacher` is default
 
     def __post_init__(self) -> None:
+        self.teachers = {DEFAULT_TEACHER: self.teacher, **self.teachers}
         inner = getattr(self.student, "module", self.student)  # DDP keeps the module as .module
         if not isinstance(inner, StudentLoss):  # a bare CausalLM (tests, benches): train it as train() would
             self.student = inner = StudentLoss(self.student, self.cfg.train.loss_chunk_tokens)
@@ -85,7 +87,7 @@ def check_batch_split(cfg: Config, world: int) -> None:
 
 
 def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: TeacherClient, out: Path,
-             d: Dist | None = None) -> Run:
+             d: Dist | None = None, teachers: dict[str, TeacherClient] | None = None) -> Run:
     """A Run around a loaded float32 (or bf16) CausalLM: rollout copy, loss module, DDP / FSDP, AdamW."""
     d = d or Dist()
     fsdp = d.launched and cfg.train.parallel == "fsdp"
@@ -99,7 +101,7 @@ def assemble(cfg: Config, student: torch.nn.Module, tokenizer: Any, client: Teac
     offline = OfflineData.open(cfg.data.offline_path, tokenizer.pad_token_id, cfg.data.seed) \
         if cfg.method.name == "offline_kd" else None
     return Run(cfg, out, model, tokenizer, client, optimizer, scheduler, TaskData(cfg.data, tokenizer),
-               lm=student, policy=policy, dist=d, offline=offline)
+               lm=student, policy=policy, dist=d, offline=offline, teachers=teachers or {})
 
 
 def restore(run: Run, ckpt: Path) -> None:

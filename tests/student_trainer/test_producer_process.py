@@ -48,7 +48,7 @@ def test_the_process_producer_is_told_of_each_version_once(task_models, task_tea
     cfg = _cfg(task_models, task_teacher.url, tmp_path, "train.steps=4", "train.max_staleness=1", "train.threads=1")
     source = AutoModelForCausalLM.from_pretrained(task_models[1])
     policy = producer_copy(source, torch.device("cpu"), shared=True)
-    spec = ProducerSpec(cfg, AutoTokenizer.from_pretrained(task_models[1]), [task_teacher.url], "trainer:test", 0, 1,
+    spec = ProducerSpec(cfg, AutoTokenizer.from_pretrained(task_models[1]), {"default": [task_teacher.url]}, "trainer:test", 0, 1,
                         Dist().device)
     remote = ProducerProcess(spec, policy)
     written = policy.model.norm.weight._version  # one weight (not the tied embedding, written twice a copy)
@@ -107,7 +107,7 @@ def test_a_producer_that_fails_to_start_reports_why(task_models, tmp_path) -> No
     url = f"http://127.0.0.1:{free_port()}"
     cfg = _cfg(task_models, url, tmp_path, "train.max_staleness=1", "teacher.ready_timeout_s=0.5")
     policy = producer_copy(AutoModelForCausalLM.from_pretrained(task_models[1]), torch.device("cpu"), shared=True)
-    spec = ProducerSpec(cfg, AutoTokenizer.from_pretrained(task_models[1]), [url], "trainer:test", 0, 1,
+    spec = ProducerSpec(cfg, AutoTokenizer.from_pretrained(task_models[1]), {"default": [url]}, "trainer:test", 0, 1,
                         Dist().device)
     remote = ProducerProcess(spec, policy)
     try:
@@ -121,7 +121,7 @@ def test_a_producer_that_fails_to_start_reports_why(task_models, tmp_path) -> No
 def test_an_error_before_the_first_step_stops_the_producer_process(task_models, task_teacher, tmp_path,
                                                                    monkeypatch) -> None:
     async def evaluator_that_fails(run):
-        async def evaluate():
+        def evaluate():
             raise RuntimeError("eval failed")
         return evaluate
 
