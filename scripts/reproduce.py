@@ -36,6 +36,11 @@ from student_trainer.reports.stats import EARLY_KEYS, area_under_curve, early_qu
 from student_trainer.teacher.local import LocalTeacher  # noqa: E402
 
 METHODS = ["opd", "trb", "fixed_eps", "skd", "sft_warmup", "teacher_warmup", "veto"]
+# Seed s draws its own rollouts (train.seed) and its own training prompts (data.seed); every run of every
+# method is evaluated on one fixed benchmark and probe (data.eval_seed), apart from both. scripts/sweep.py
+# tunes on seeds from SWEEP_SEED_BASE on, which no reported run uses.
+EVAL_SEED = 1000
+SWEEP_SEED_BASE = 100
 
 
 def finished(out: Path) -> bool:
@@ -50,7 +55,8 @@ def run_one(recipe: str, method: str, seed: int, url: str, root: Path, extra: li
     out = root / f"{method}-seed{seed}"
     if reuse and finished(out):
         return out
-    sets = [*(overrides or [f"method.name={method}"]), f"train.seed={seed}", f"teacher.url={url}",
+    sets = [*(overrides or [f"method.name={method}"]), f"train.seed={seed}", f"data.seed={seed}",
+            f"data.eval_seed={EVAL_SEED}", f"teacher.url={url}",
             f"train.out_dir={out}", "train.progress=false", "train.save_every=0", *extra]
     cmd = [sys.executable, "-m", "student_trainer.cli", "--config", recipe] + [a for s in sets for a in ("--set", s)]
     log = (root / f"{method}-seed{seed}.log").open("w")

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.reproduce import early_cells, fmt_ci, run_one, run_stats  # noqa: E402
+from scripts.reproduce import SWEEP_SEED_BASE, early_cells, fmt_ci, run_one, run_stats  # noqa: E402
 from student_trainer.config import load_config  # noqa: E402
 from student_trainer.reports.stats import EARLY_KEYS  # noqa: E402
 from student_trainer.teacher.local import LocalTeacher  # noqa: E402
@@ -56,7 +56,9 @@ def main() -> None:
     for i in range(len(points)):
         (root / f"point{i}").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    jobs = [(i, s) for i in range(len(points)) for s in range(args.seeds)]
+    # tuning seeds (rollouts and prompt draws) that no reported run of scripts/reproduce.py uses
+    seeds = range(SWEEP_SEED_BASE, SWEEP_SEED_BASE + args.seeds)
+    jobs = [(i, s) for i in range(len(points)) for s in seeds]
     with LocalTeacher(cfg.teacher.model, "--device", args.teacher_device,
                       threads=1 if args.teacher_device == "cpu" else None, log=root / "teacher.log") as teacher, \
             ThreadPoolExecutor(args.parallel) as pool:
@@ -64,7 +66,9 @@ def main() -> None:
                                        args.set + points[i], args.reuse) for i, s in jobs}
         outs = {job: f.result() for job, f in futures.items()}
     lines = [f"# Sweep: {args.method} on the arithmetic task", "",
-             f"`python scripts/sweep.py {' '.join(sys.argv[1:])}`; {args.seeds} seeds per point, "
+             f"`python scripts/sweep.py {' '.join(sys.argv[1:])}`; {args.seeds} seeds per point (tuning seeds "
+             f"{seeds.start}-{seeds.stop - 1}: rollouts and training prompts that no reported run uses; the eval "
+             "benchmark is the report's), "
              f"{(time.perf_counter() - started) / 60:.1f} min on {os.cpu_count()} cores.", "",
              "Mean [95% t-interval] over seeds. The last columns are the early rollouts: means over "
              "optimizer steps 1-K of the point (K = method.horizon) of the teacher's log-likelihood of the "
@@ -73,7 +77,7 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- |"]
     for i, point in enumerate(points):
         first = load_config(args.recipe, args.set + point).method.horizon
-        stats = [run_stats(outs[(i, s)], first) for s in range(args.seeds)]
+        stats = [run_stats(outs[(i, s)], first) for s in seeds]
         lines.append(f"| `{' '.join(point)}` | {fmt_ci([r['final'] for r in stats])} | "
                      f"{fmt_ci([r['auc'] for r in stats])} | {early_cells(stats, EARLY_KEYS[:3])} |")
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -38,16 +38,20 @@ class TaskData:
             return self._math.train_batch(step, size)
         return arithmetic.generate(size, seed=self.cfg.seed * 1_000_003 + step, split="train", **self.cfg.difficulty)
 
+    @property
+    def _eval_seed(self) -> int:
+        return self.cfg.seed if self.cfg.eval_seed is None else self.cfg.eval_seed
+
     def eval_set(self) -> list[Problem]:
         if self._math:
             return self._math.eval[: self.cfg.eval_size]
-        return arithmetic.generate(self.cfg.eval_size, seed=self.cfg.seed, split="test", **self.cfg.difficulty)
+        return arithmetic.generate(self.cfg.eval_size, seed=self._eval_seed, split="test", **self.cfg.difficulty)
 
     def probe_set(self) -> list[Problem]:
         """Reference prompts+solutions on which KL(π_S || π_T) is tracked over training."""
         if self._math:
             return self._math.eval[: self.cfg.probe_size]
-        return arithmetic.generate(self.cfg.probe_size, seed=self.cfg.seed + 7, split="test", **self.cfg.difficulty)
+        return arithmetic.generate(self.cfg.probe_size, seed=self._eval_seed + 7, split="test", **self.cfg.difficulty)
 
     @property
     def verify(self) -> Callable[[str, Problem], bool]:
@@ -91,7 +95,8 @@ def load_math(cfg: DataCfg, tokenizer: Any) -> MathProblems:
         seen = {r.question for r in held_out}
         train, held_out = [r for r in pool if r.question not in seen], held_out[: cfg.eval_size]
     else:
-        order = random.Random(f"{cfg.seed}/holdout").sample(range(len(pool)), len(pool))
+        eval_seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
+        order = random.Random(f"{eval_seed}/holdout").sample(range(len(pool)), len(pool))
         held_out = [pool[i] for i in order[: cfg.eval_size]]
         train = [pool[i] for i in sorted(order[cfg.eval_size :])]
     if not train:
