@@ -1,4 +1,4 @@
-"""`make reproduce`: every method of docs/methods.md on the arithmetic task, several seeds each.
+"""`make reproduce`: every method that rolls out (all of docs/methods.md but offline_kd), several seeds each.
 
 OPD, TRB, fixed-ε, SKD, SFT warmup (token cross-entropy), teacher warmup (reverse KL on teacher
 rollouts: what `sft_warmup` meant before) and Veto, by default in the weak-student setting

@@ -3,7 +3,7 @@
 The loss is the same for every behavior policy (docs/method.md §2): the sampled prefixes are
 data, the gradient flows through π_S(·|h_t) only, and no importance weight is needed. Two
 baselines change the loss instead (docs/methods.md): Veto fits a bridge target (veto.py), and the
-SFT warmup fits the teacher's tokens or distribution on teacher rollouts (sft_losses.py). Every
+SFT warmup fits the teacher's tokens or distribution on teacher rollouts (sft_warmup.py). Every
 loss goes through `loss_rows`, a per-row function of the student's log-probs at the loss positions.
 
 Normalisation: token-mean over the batch, i.e. the sum of the per-token KL over all response

@@ -5,7 +5,7 @@ Every method is a `method.name` of one trainer. A method is three choices, made 
 who picks the rollout's tokens (the behavior policy and its KL budget ε), what the student is fitted
 to (the loss), and so how the teacher is asked (`uses_sessions`). `METHODS` is the same facts
 written for people: `trb-train --help`, docs/config.md and docs/methods.md print it
-(tests/student_trainer/test_methods_table.py keeps the docs equal to it).
+(tests/student_trainer/test_train.py and test_config_doc.py keep the docs equal to it).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Batches of `method.name=offline_kd`: stored completions with their stored teacher top-k
-(offline_export.py), laid out exactly as an on-policy rollout so the loss code is the same.
+(teacher/export.py), laid out exactly as an on-policy rollout so the loss code is the same.
 
 Step k takes rows k*B .. (k+1)*B-1 of an endless sequence of shuffled epochs (seeded by data.seed),
 so, like every other method, a resumed run sees the batches an uninterrupted one would have.
@@ -23,7 +23,7 @@ from student_trainer.teacher.export import load_shards
 
 @dataclass
 class OfflineData:
-    shards: dict[str, torch.Tensor]  # offline_export.load_shards
+    shards: dict[str, torch.Tensor]  # teacher/export.py load_shards
     pad_id: int
     seed: int = 0
 
