@@ -7,13 +7,14 @@ that is vLLM's `/v1/completions` with `prompt_logprobs: 20` (what a vLLM user se
 talks to a vLLM generate server, a vLLM pooling runner (hidden states, exact), or SGLang with hidden states.
 Engines come from the venvs of scripts/engines/*.sh; an engine whose venv is missing is left out.
 
-SGLang runs with `--sleep-on-idle`: without it its scheduler polls at 100% of a core while idle, which on a
-2-core machine takes that core from whatever shares it (here our teacher, while it parses SGLang's answer)
-and from SGLang's own tokenizer and detokenizer processes.
+SGLang runs with `--sleep-on-idle` (tests/engines/sglang_engine.py): without it its scheduler polls at 100%
+of a core while idle, which on a 2-core machine takes that core from whatever shares it (here our teacher,
+while it parses SGLang's answer) and from SGLang's own tokenizer and detokenizer processes.
 
-The teacher splits a request into jobs of at most `max_batch_tokens` (1024 for an engine backend), each its
-own engine call, one after another: this work (just over 1024 tokens) takes two. The `one engine call`
-rows are a second teacher on the same engine with --max-batch-tokens 4096, to show what the split costs.
+The teacher sends a request to an engine whole: for an engine backend its token budget per call
+(`max_batch_tokens`) defaults to the largest request it accepts (teacher_server/settings.py). The
+`--max-batch-tokens 1024` rows (no target) are a second teacher on the same engine at the old default,
+which cut this work (1,067 tokens) into two engine calls, one after the other: what that split costs.
 
     .venv/bin/python -m bench.bench_engine_proxy [--quick]
 """
@@ -41,7 +42,17 @@ import vllm_engine  # noqa: E402
 MODEL = "models/arith-teacher"
 TOP_K = 20
 TARGET = "<= 1.15"
-ONE_CALL = ("--max-batch-tokens", "4096")  # the whole request in one engine call (the module docstring)
+SPLIT = ("--max-batch-tokens", "1024")  # the old default budget: this request in two engine calls
+OLD = " ".join(SPLIT) + ": "  # the name of a row at that budget
+
+
+def missing_engines() -> list[str]:
+    """The engines whose venv is absent (scripts/engines/*.sh build them): the bench skips those."""
+    return [name for name, module in (("vLLM", vllm_engine), ("SGLang", sglang_engine)) if module.venv_python() is None]
+
+
+def engines_dir() -> Path:
+    return sglang_engine.engines_dir()
 
 
 def sequences() -> list[list[int]]:
@@ -117,7 +128,7 @@ def add_rows(section: Section, times: dict[str, list[float]], baseline: str) -> 
     for name, ts in times.items():
         if name != baseline:
             section.add(f"{name} / {baseline}", f"{spread(ts)} vs {spread(times[baseline])}",
-                        statistics.median(ts) / base, TARGET if name.startswith("teacher") else "")
+                        statistics.median(ts) / base, "" if name.startswith(OLD) else TARGET)
 
 
 def run(threads: int = 1, quick: bool = False) -> Section:
@@ -128,8 +139,9 @@ def run(threads: int = 1, quick: bool = False) -> Section:
     section = Section(f"7. The teacher in front of a real engine: top-{TOP_K} of {len(seqs)} sequences ({tokens} "
                       "tokens)", f"Medians of {rounds} alternating rounds; engines float32 on this CPU, each from "
                       "its own venv (SGLang with --sleep-on-idle); the baseline is vLLM's /v1/completions "
-                      "(prompt_logprobs 20) or SGLang's /generate (top_logprobs_num 20); `one engine call`: a teacher "
-                      "with --max-batch-tokens 4096, which does not split this request in two.")
+                      "(prompt_logprobs 20) or SGLang's /generate (top_logprobs_num 20); teachers at their default "
+                      "budget send the request whole, one engine call; `--max-batch-tokens 1024` (the old default) "
+                      "cuts it into two.")
     logs = REPO / "runs" / "bench-engine-proxy"
     logs.mkdir(parents=True, exist_ok=True)
     completions = {"model": MODEL, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": TOP_K}
@@ -142,12 +154,12 @@ def run(threads: int = 1, quick: bool = False) -> Section:
         pool = Engine(vllm_engine, "vllm-pooling", logs, runner="hidden")
         try:
             flags = ("--vllm-dtype", "float32")
-            a, a1, b = gen.front("vllm", *flags), gen.front("vllm", *flags, *ONE_CALL), pool.front("vllm")
+            a, a2, b = gen.front("vllm", *flags), gen.front("vllm", *flags, *SPLIT), pool.front("vllm")
             with httpx.Client(base_url=gen.url, timeout=600) as direct, httpx.Client(base_url=a, timeout=600) as ta, \
-                    httpx.Client(base_url=a1, timeout=600) as ta1, httpx.Client(base_url=b, timeout=600) as tb:
+                    httpx.Client(base_url=a2, timeout=600) as ta2, httpx.Client(base_url=b, timeout=600) as tb:
                 times = alternate({"vLLM /v1/completions": lambda: post(direct, "/v1/completions", json=completions),
                                    "teacher on a vLLM generate server": teacher_call(ta, seqs),
-                                   "one engine call: teacher on a vLLM generate server": teacher_call(ta1, seqs),
+                                   OLD + "teacher on a vLLM generate server": teacher_call(ta2, seqs),
                                    "teacher on a vLLM pooling runner (exact)": teacher_call(tb, seqs)}, rounds)
             add_rows(section, times, "vLLM /v1/completions")
         finally:
@@ -156,14 +168,14 @@ def run(threads: int = 1, quick: bool = False) -> Section:
     if sglang_engine.venv_python() is None:
         section.add("SGLang: venv missing (scripts/engines/sglang.sh)", "-")
     else:
-        sgl = Engine(sglang_engine, "sglang", logs, extra_args=["--sleep-on-idle"])
+        sgl = Engine(sglang_engine, "sglang", logs)
         try:
-            url, url1 = sgl.front("sglang"), sgl.front("sglang", *ONE_CALL)
+            url, url2 = sgl.front("sglang"), sgl.front("sglang", *SPLIT)
             with httpx.Client(base_url=sgl.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t, \
-                    httpx.Client(base_url=url1, timeout=600) as t1:
+                    httpx.Client(base_url=url2, timeout=600) as t2:
                 times = alternate({"SGLang /generate": lambda: post(direct, "/generate", json=generate),
                                    "teacher on SGLang, hidden states (exact)": teacher_call(t, seqs),
-                                   "one engine call: teacher on SGLang, hidden states (exact)": teacher_call(t1, seqs)},
+                                   OLD + "teacher on SGLang, hidden states (exact)": teacher_call(t2, seqs)},
                                   rounds)
             add_rows(section, times, "SGLang /generate")
         finally:

@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-full-values", type=int, default=None)
     serve.add_argument("--session-ttl", type=float, default=None, dest="session_ttl_s")
     serve.add_argument("--max-batch-tokens", type=int, default=None,
-                       help="Tokens per forward (default 128 for hf on a CPU, 1024 otherwise): larger "
-                       "batches on a GPU, shorter waits on a CPU.")
+                       help="Tokens per backend call (default 128 for hf on a CPU, 1024 for hf on a GPU, "
+                       "the per-request limit max_tokens for sglang and vllm, which batch on their own): "
+                       "larger batches on a GPU, shorter waits on a CPU.")
     serve.add_argument("--threads", type=int, default=None, help="torch intra-op threads.")
     serve.add_argument("--model-thread", action="store_false", default=None, dest="model_process",
                        help="Run the model on a thread of the server process instead of a worker process "

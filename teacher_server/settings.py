@@ -44,9 +44,11 @@ class ServerSettings(BaseSettings):
     allow_full: bool = False
     max_full_values: int = 16_000_000
     max_queue: int = 256
-    max_batch_tokens: int | None = Field(None, ge=1, description="Tokens per forward: requests are batched up to "
-                                         "it and larger ones split by sequences, so no client holds the model "
-                                         "for longer. Default: 128 for the hf backend on a CPU, 1024 otherwise.")
+    max_batch_tokens: int | None = Field(None, ge=1, description="Tokens per backend call: requests are batched "
+                                         "up to it and larger ones split by sequences, so no client holds the "
+                                         "model for longer. Default: 128 for the hf backend on a CPU, 1024 on a "
+                                         "GPU; for the sglang and vllm backends max_tokens, so a request is never "
+                                         "split (the engine schedules its own prefills).")
     session_ttl_s: float = 600.0
     max_sessions: int = 256
     max_session_bytes: int = 2 << 30
@@ -70,10 +72,25 @@ class ServerSettings(BaseSettings):
 
     @property
     def batch_tokens(self) -> int:
-        """The token budget per forward. Why smaller on a CPU: there a forward costs in proportion to its
-        tokens, so a bigger batch buys no throughput and only makes the next client wait longer."""
-        on_cpu = self.backend == "hf" and self.device == "cpu"  # (SGLang runs on a GPU whatever `device` says)
-        return self.max_batch_tokens or (128 if on_cpu else 1024)
+        """The token budget per backend call (`--max-batch-tokens` when given).
+
+        hf: 128 on a CPU, 1024 on a GPU. Why smaller on a CPU: there a forward costs in proportion to its
+        tokens, so a bigger batch buys no throughput and only makes the next client wait longer.
+
+        sglang, vllm: `max_tokens`, the largest request accepted, so a request goes out whole. The engine
+        takes any number of sequences in one call (each within its context length, which /v1/score checks
+        first) and batches and chunks its prefills itself; the backend bounds each call's answer
+        (ENTRY_BUDGET). A request cut here instead runs as engine calls one after another, each waiting
+        for the last one's answer to be parsed: at the old default, 1024, bench/bench_engine_proxy.py's
+        1,067 tokens took two calls, 0.2-0.36x of SGLang's own /generate time more than one call
+        (docs/engines.md). The price: a light client may wait for a heavy client's whole request; a
+        budget bounds that wait (`--max-batch-tokens`).
+        """
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        if self.backend != "hf":
+            return self.max_tokens
+        return 128 if self.device == "cpu" else 1024
 
     @model_validator(mode="after")
     def _sglang_target(self) -> ServerSettings:

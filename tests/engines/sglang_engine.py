@@ -13,6 +13,8 @@ Flags, and why:
 - `--max-total-tokens 32768`: without a cap the CPU KV pool takes about 10 GB.
 - `--chunked-prefill-size -1`: chunked prefill silently drops the hidden-state rows of middle chunks.
 - `--mem-fraction-static 0.3`: needed here with chunked prefill off.
+- `--sleep-on-idle`: otherwise an idle scheduler polls at 100% of a core, which on 2 cores takes that
+  core from the teacher, the trainer and SGLang's own tokenizer and detokenizer.
 With these, `/server_info` reports `max_req_input_len` 250 for the shipped models (context 256).
 
 `launch` only starts the process (in a new session, so `stop` reaches SGLang's scheduler and detokenizer
@@ -58,7 +60,7 @@ def command(model: str, port: int, *, api_key: str | None = None, extra_args: Se
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
            "--disable-overlap-schedule", "--max-total-tokens", str(MAX_TOTAL_TOKENS),
            "--enable-return-hidden-states", "--chunked-prefill-size", "-1",
-           "--mem-fraction-static", str(MEM_FRACTION_STATIC)]
+           "--mem-fraction-static", str(MEM_FRACTION_STATIC), "--sleep-on-idle"]
     if api_key is not None:
         cmd += ["--api-key", api_key]
     return cmd + list(extra_args)

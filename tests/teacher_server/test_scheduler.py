@@ -273,10 +273,44 @@ async def test_all_positions_extend_runs_in_budget_sized_forwards_with_the_same_
         assert diff <= tol, (diff, tol)
 
 
+ENGINES = [dict(backend="sglang", sglang_url="http://127.0.0.1:1"), dict(backend="vllm", vllm_url="http://127.0.0.1:1")]
+
+
 def test_token_budget_defaults_to_small_forwards_only_for_a_cpu_model() -> None:
     from teacher_server.settings import ServerSettings
 
     assert ServerSettings(model="m").batch_tokens == 128
     assert ServerSettings(model="m", device="cuda").batch_tokens == 1024
-    assert ServerSettings(model="m", backend="sglang", sglang_url="http://127.0.0.1:1").batch_tokens == 1024
     assert ServerSettings(model="m", max_batch_tokens=300).batch_tokens == 300
+    for engine in ENGINES:  # an engine batches on its own: the budget is the largest request accepted
+        assert ServerSettings(model="m", **engine).batch_tokens == ServerSettings(model="m").max_tokens == 65536
+        assert ServerSettings(model="m", max_tokens=5000, device="cuda", **engine).batch_tokens == 5000
+        assert ServerSettings(model="m", max_batch_tokens=300, **engine).batch_tokens == 300
+
+
+class _EngineStandIn:
+    """Records the tokens of each backend call, as an engine backend would send them to its engine."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, requests):  # type: ignore[no-untyped-def]
+        self.calls.append(sum(len(s) for r in requests for s in r.sequences))
+        return [[None] * len(r.sequences) for r in requests]
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=["sglang", "vllm"])
+async def test_an_engine_backend_gets_a_request_whole_at_the_default_budget(engine: dict) -> None:
+    """The bench's request (32 sequences, 1,067 tokens) went out as two engine calls at the old 1024;
+    now it and the largest request accepted (max_sequences x 256 = max_tokens) are one call each."""
+    from teacher_server.settings import ServerSettings
+
+    cfg, backend = ServerSettings(model="m", **engine), _EngineStandIn()
+    scheduler = FairScheduler(backend, max_queue=100, max_batch_tokens=cfg.batch_tokens)  # type: ignore[arg-type]
+    scheduler.start()
+    bench = [[1] * (33 + (i % 3 == 0)) for i in range(32)]
+    largest = [[1] * (cfg.max_tokens // cfg.max_sequences)] * cfg.max_sequences
+    for seqs in (bench, largest):
+        assert len(await scheduler.score("c", ScoreRequest(sequences=seqs, top_k=20))) == len(seqs)
+    await scheduler.stop()
+    assert backend.calls == [sum(map(len, bench)), cfg.max_tokens] and backend.calls[0] > 1024
