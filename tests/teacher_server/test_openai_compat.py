@@ -1,0 +1,254 @@
+"""The vLLM-compatible route (/v1/completions with prompt_logprobs, /v1/models) against /v1/score, against
+the protocol-faithful fake vLLM on the same model, and against a slow obvious reference; its refusals,
+and the two ways a client without a key of its own gets in (a key as HTTP Basic, or keyless loopback).
+
+Processes on 127.0.0.1: the session's `teacher` (hf, tiny model, no keys), the fake vLLM on the same
+model (`tests/fake_vllm.py`, --max-logprobs -1), and `keyed`: a teacher with API keys and
+--compat-keyless-loopback. TRL's own clients against these three are in test_trl_clients.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import ServerProcess, f32_diff
+from fake_vllm_process import FakeVLLMProcess
+from shared.protocol import ScoreResponse, SequenceScores
+from teacher_server.app import create_app
+from teacher_server.compat_routes import _param
+from teacher_server.openai_compat import (
+    CompatError,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    check_request,
+    prompt_logprobs,
+    sample_token,
+)
+from teacher_server.settings import ServerSettings
+
+SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, 47, 32, 47], [7]]
+KEYS = "alice:alice-secret-1\nbob:bob-secret-22\n"
+
+
+def complete(url: str, body: dict, **kw: object) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60, **kw)
+
+
+def body(prompt: object, k: int, **extra: object) -> dict:
+    return {"prompt": prompt, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k, **extra}
+
+
+# ---- the pure conversion against a slow obvious reference ------------------------------------------------
+
+
+def reference_entries(seq: list[int], lp_L_V: np.ndarray, k: int) -> list[dict | None]:
+    """vLLM's rule read off the full distribution: {actual: its rank by count, then top-k with ranks 1..k}."""
+    out: list[dict | None] = [None]
+    for i in range(1, len(seq)):
+        row, actual = lp_L_V[i - 1], seq[i]
+        entry = {str(actual): (float(row[actual]), int((row >= row[actual]).sum()))}
+        for r, t in enumerate(np.argsort(-row, kind="stable")[:k]):
+            entry[str(int(t))] = (float(row[t]), r + 1)
+        out.append(entry)
+    return out
+
+
+def scores_of(seq: list[int], lp_L_V: np.ndarray, k: int) -> SequenceScores:
+    """What /v1/score returns for `seq` from 0 with top_k = k (as the backends build it)."""
+    top = np.argsort(-lp_L_V, axis=1, kind="stable")[:, :k]
+    return SequenceScores(start=0, top_ids=top.astype(np.int32), top_logprobs=np.take_along_axis(lp_L_V, top, 1),
+                          tail_logprob=np.zeros(len(seq), np.float32),
+                          next_token_logprobs=lp_L_V[np.arange(len(seq) - 1), seq[1:]])
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_entries_equal_vllms_rule_but_the_rank_outside_the_top_k(k: int) -> None:
+    rng = np.random.default_rng(k)
+    for length in (1, 2, 17):
+        seq = rng.integers(0, 10, length).tolist()
+        logits = rng.normal(0, 3, (length, 10))
+        lp_L_V = (logits - np.log(np.exp(logits).sum(1, keepdims=True))).astype(np.float32)
+        got = prompt_logprobs(seq, scores_of(seq, lp_L_V, k), k, lambda t: f"<{t}>")
+        want = reference_entries(seq, lp_L_V, k)
+        assert len(got) == length and got[0] is None
+        for g, w in zip(got[1:], want[1:], strict=True):
+            assert list(g) == list(w)  # same keys in the same order: the actual token first, merged when inside
+            for key, (lp, rank) in w.items():
+                assert g[key]["logprob"] == lp and g[key]["decoded_token"] == f"<{key}>"
+                assert g[key]["rank"] == (rank if rank <= k else k + 1)  # outside: the least it can be
+
+
+def test_minus_infinity_is_written_as_vllm_does() -> None:
+    lp = np.array([[0.0, -np.inf, -np.inf]], np.float32)
+    got = prompt_logprobs([0, 2], scores_of([0, 2], np.vstack([lp, lp]), 1), 1, str)
+    assert got[1] == {"2": {"logprob": -9999.0, "rank": 2, "decoded_token": "2"},
+                      "0": {"logprob": 0.0, "rank": 1, "decoded_token": "0"}}
+
+
+def test_sampled_token_follows_the_temperature() -> None:
+    ids, lps = np.array([4, 9, 2]), np.log(np.array([0.6, 0.3, 0.1], np.float32))
+    assert sample_token(ids, lps, 0.0, np.random.default_rng(0)) == 4
+    rng = np.random.default_rng(0)
+    for temperature in (1.0, 2.0):
+        draws = np.array([sample_token(ids, lps, temperature, rng) for _ in range(4000)])
+        p = np.array([0.6, 0.3, 0.1]) ** (1 / temperature)
+        freq = np.array([(draws == t).mean() for t in ids])
+        assert np.abs(freq - p / p.sum()).max() < 0.03, (temperature, freq)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"prompt": "2+2="}, "prompt"), ({"prompt": [[1, 2], []]}, "prompt"), ({"prompt": [1, -2]}, "prompt"),
+    ({"max_tokens": 16}, "max_tokens"), ({"max_tokens": None}, "max_tokens"), ({"n": 2}, "n"),
+    ({"stream": True}, "stream"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+    ({"prompt_logprobs": None}, "prompt_logprobs"), ({"prompt_logprobs": -2}, "prompt_logprobs"),
+    ({"top_p": 0.9}, "top_p"), ({"return_token_ids": True}, "return_token_ids"),
+])
+def test_requests_outside_the_subset_name_the_field(fields: dict, param: str) -> None:
+    with pytest.raises(CompatError) as err:
+        check_request(CompletionRequest.model_validate({**body([1, 2], 2), **fields}))
+    assert err.value.param == param and err.value.status == 400
+
+
+def test_field_names_are_the_clients() -> None:
+    assert _param("sequences.0.3", flat=True) == "prompt.3" and _param("sequences.1.3", flat=False) == "prompt.1.3"
+    assert _param("sequences", flat=True) == "prompt" and _param("top_k", flat=False) == "prompt_logprobs"
+
+
+# ---- over HTTP: the route against /v1/score and against the fake vLLM ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeVLLMProcess]:
+    server = FakeVLLMProcess(tiny_model, tmp_path_factory.mktemp("logs") / "fake_vllm.log", "--max-logprobs", "-1",
+                             "--served-model-name", str(tiny_model))
+    yield server
+    server.stop()
+
+
+def test_completions_equal_score_top_k(teacher: ServerProcess) -> None:
+    k = 5
+    resp = complete(teacher.url, body(SEQS, k), headers={"x-client-id": "exp-compat"})
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    CompletionResponse.model_validate(answer)
+    scored = ScoreResponse.model_validate(httpx.post(f"{teacher.url}/v1/score", json={
+        "sequences": SEQS, "top_k": k}, timeout=60).json())
+    assert [c["index"] for c in answer["choices"]] == list(range(len(SEQS)))
+    assert answer["usage"] == {"prompt_tokens": 21, "total_tokens": 25, "completion_tokens": 4,
+                               "prompt_tokens_details": None, "completion_tokens_details": None}
+    for seq, choice, want in zip(SEQS, answer["choices"], scored.results, strict=True):
+        entries = choice["prompt_logprobs"]
+        assert len(entries) == len(seq) and entries[0] is None
+        for i in range(1, len(seq)):
+            ranked = sorted(entries[i].items(), key=lambda kv: kv[1]["rank"])[:k]
+            assert [int(t) for t, _ in ranked] == want.top_ids[i - 1].tolist()
+            diff, tol = f32_diff([e["logprob"] for _, e in ranked], want.top_logprobs[i - 1])
+            assert diff <= tol
+            diff, tol = f32_diff(entries[i][str(seq[i])]["logprob"], want.next_token_logprobs[i - 1])
+            assert diff <= tol
+    one = complete(teacher.url, body(SEQS[0], k)).json()  # the flat form is prompt 0 of a batch
+    for a, b in zip(one["choices"][0]["prompt_logprobs"][1:], answer["choices"][0]["prompt_logprobs"][1:],
+                    strict=True):
+        assert [(t, e["rank"]) for t, e in a.items()] == [(t, e["rank"]) for t, e in b.items()]
+        assert max(abs(a[t]["logprob"] - b[t]["logprob"]) for t in a) <= 1e-5
+    metrics = httpx.get(f"{teacher.url}/metrics").text
+    assert 'trb_teacher_tokens_scored_total{client="exp-compat"} 21.0' in metrics
+    assert 'route="/v1/completions"' in metrics and 'trb_teacher_model_seconds_total{client="exp-compat"}' in metrics
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_answers_equal_vllms_shape_on_the_same_model(teacher: ServerProcess, fake_vllm: FakeVLLMProcess, k: int) -> None:
+    request = body(SEQS, k, temperature=0.0)
+    ours, theirs = complete(teacher.url, request).json(), fake_vllm.complete(request).json()
+    assert set(ours) >= set(theirs) and ours["model"] == theirs["model"] and ours["usage"]["prompt_tokens"] == 21
+    for mine, vllm in zip(ours["choices"], theirs["choices"], strict=True):
+        assert mine["text"] == vllm["text"] and mine["finish_reason"] == vllm["finish_reason"]  # greedy
+        assert set(mine) >= set(vllm)
+        for a, b in zip(mine["prompt_logprobs"], vllm["prompt_logprobs"], strict=True):
+            if b is None:
+                assert a is None
+                continue
+            assert list(a) == list(b)  # same keys, same order
+            for key, e in b.items():
+                assert a[key]["decoded_token"] == e["decoded_token"] and math.isclose(
+                    a[key]["logprob"], e["logprob"], abs_tol=1e-5)
+                assert a[key]["rank"] == e["rank"] or (e["rank"] > max(k, 1) and a[key]["rank"] == max(k, 1) + 1)
+    listed = httpx.get(f"{teacher.url}/v1/models").json()
+    ModelList.model_validate(listed)
+    assert listed["data"][0]["id"] == fake_vllm.models()["data"][0]["id"]
+    assert listed["data"][0]["max_model_len"] == 513  # max_context 512 + the sampled token
+
+
+@pytest.mark.parametrize(("fields", "status", "param"), [
+    ({"prompt": [1, 99]}, 400, "prompt.1"), ({"prompt": [[1, 2], [3, 99]]}, 400, "prompt.1.1"),
+    ({"prompt": list(range(1, 40)) * 14}, 400, "prompt"), ({"prompt_logprobs": 50}, 400, "prompt_logprobs"),
+    ({"model": "gpt-4"}, 404, "model"), ({"temperature": -1}, 400, "temperature"),
+    ({"max_tokens": 16}, 400, "max_tokens"), ({"seed": "x"}, 400, "seed"), ({"top_k": 5}, 400, "top_k"),
+])
+def test_refusals_are_4xx_in_vllms_error_shape(teacher: ServerProcess, fields: dict, status: int, param: str) -> None:
+    resp = complete(teacher.url, {**body([1, 2], 2), **fields})
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["param"] == param
+    assert param.split(".")[0] in err["message"]
+    bad_json = httpx.post(f"{teacher.url}/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "BadRequestError"
+
+
+# ---- keys: the default guard, a key as HTTP Basic, keyless loopback by flag -------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    logs = tmp_path_factory.mktemp("keyed")
+    (keys := logs / "keys").write_text(KEYS)
+    server = ServerProcess(tiny_model, "--api-keys-file", str(keys), "--compat-keyless-loopback",
+                           log=logs / "teacher.log").wait_ready()
+    yield server
+    server.stop()
+
+
+def test_keys_as_bearer_basic_or_keyless_loopback(keyed: ServerProcess) -> None:
+    url, port = keyed.url, keyed.port
+    assert httpx.post(f"{url}/v1/score", json={"sequences": [[1, 2]]}).status_code == 401  # the default holds
+    assert httpx.get(f"{url}/v1/model").status_code == 401 and httpx.get(f"{url}/metrics").status_code == 401
+    assert complete(url, body([1, 2, 3], 2)).status_code == 200  # keyless: loopback, compat route, flag on
+    assert httpx.get(f"{url}/v1/models").status_code == 200
+    assert complete(url, body([1, 2, 3], 2), headers={"authorization": "Bearer alice-secret-1"}).status_code == 200
+    basic = complete(f"http://trl:bob-secret-22@127.0.0.1:{port}", body([1, 2, 3, 4], 2))  # a URL's user:password
+    assert basic.status_code == 200
+    for headers in ({"authorization": "Bearer wrong-secret"}, {"authorization": "Basic bm8tY29sb24="}):
+        denied = complete(url, body([1, 2], 2), headers=headers)  # a key presented must be valid
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
+    assert httpx.post(f"http://x:alice-secret-1@127.0.0.1:{port}/v1/score",
+                      json={"sequences": [[1, 2]]}).status_code == 200  # Basic works on every route
+    metrics = httpx.get(f"{url}/metrics", headers={"authorization": "Bearer alice-secret-1"}).text
+    assert 'trb_teacher_tokens_scored_total{client="bob"} 4.0' in metrics
+    assert 'trb_teacher_tokens_scored_total{client="anonymous"} 3.0' in metrics and "secret" not in metrics
+
+
+@pytest.mark.parametrize(("keyless", "peer", "status"), [
+    (False, "127.0.0.1", 401), (True, "127.0.0.1", 503), (True, "10.1.2.3", 401), (True, "::1", 503),
+])
+async def test_keyless_is_for_loopback_peers_and_only_by_flag(keyless: bool, peer: str, status: int) -> None:
+    """The gate alone, in process (no lifespan: no model, so a request let through answers 503 not ready)."""
+    cfg = ServerSettings(model="unused", api_keys="alice:alice-secret-1", compat_keyless_loopback=keyless)
+    transport = httpx.ASGITransport(app=create_app(cfg), client=(peer, 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://teacher") as client:
+        resp = await client.post("/v1/completions", json=body([1, 2], 2))
+        assert resp.status_code == status and resp.json()["error"]["code"] == status
+        assert (await client.post("/v1/score", json={"sequences": [[1]]})).status_code == 401
+
+
+def test_the_openapi_schema_lists_the_compat_routes(teacher: ServerProcess) -> None:
+    paths = httpx.get(f"{teacher.url}/openapi.json").json()["paths"]
+    assert "/v1/completions" in paths and "/v1/models" in paths
+    assert json.dumps(paths["/v1/completions"]).count("CompletionResponse") >= 1
