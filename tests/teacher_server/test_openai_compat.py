@@ -1,10 +1,11 @@
 """The vLLM-compatible route (/v1/completions with prompt_logprobs, /v1/models) against /v1/score, against
 the protocol-faithful fake vLLM on the same model, and against a slow obvious reference; its refusals,
-and the two ways a client without a key of its own gets in (a key as HTTP Basic, or keyless loopback).
+and the two ways a client without a key of its own gets in (a key as HTTP Basic, or keyless loopback);
+then TRL's own client code, unchanged, against our route and against the fake vLLM.
 
 Processes on 127.0.0.1: the session's `teacher` (hf, tiny model, no keys), the fake vLLM on the same
 model (`tests/fake_vllm.py`, --max-logprobs -1), and `keyed`: a teacher with API keys and
---compat-keyless-loopback. TRL's own clients against these three are in test_trl_clients.py.
+--compat-keyless-loopback.
 """
 
 from __future__ import annotations
@@ -252,3 +253,86 @@ def test_the_openapi_schema_lists_the_compat_routes(teacher: ServerProcess) -> N
     paths = httpx.get(f"{teacher.url}/openapi.json").json()["paths"]
     assert "/v1/completions" in paths and "/v1/models" in paths
     assert json.dumps(paths["/v1/completions"]).count("CompletionResponse") >= 1
+
+
+# ---- TRL's clients, unchanged: VLLMClient.get_sequence_logprobs and AsyncDistillationTrainer's scoring ------
+
+PROMPT_LENGTHS = [4, 1, 2, 1]  # completion = seq[p:]; the last sequence is all prompt but one token
+
+
+def trl_vllm_client(monkeypatch: pytest.MonkeyPatch, base_url: str) -> object:
+    vc = pytest.importorskip("trl.generation.vllm_client")
+    # VLLMClient refuses to start unless the vllm package is installed, though the HTTP calls it makes
+    # here need nothing of it: only that gate is answered, every line that sends and parses runs as shipped.
+    monkeypatch.setattr(vc, "is_vllm_available", lambda *a, **k: True)
+    return vc.VLLMClient(base_url=base_url)
+
+
+def test_trl_vllm_client_reads_the_same_from_us_and_from_vllm(
+        teacher: ServerProcess, keyed: ServerProcess, fake_vllm: FakeVLLMProcess,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    k = 4
+    got = {name: trl_vllm_client(monkeypatch, url).get_sequence_logprobs(SEQS, PROMPT_LENGTHS, top_logprobs=k)
+           for name, url in [("vllm", fake_vllm.wait_up().url), ("ours", teacher.url),
+                             ("ours-basic-key", f"http://trl:bob-secret-22@127.0.0.1:{keyed.port}"),
+                             ("ours-keyless", keyed.url)]}
+    want = got.pop("vllm")
+    for name, result in got.items():
+        assert result["logprob_token_ids"] == want["logprob_token_ids"], name
+        assert result["actual_token_ids"] == want["actual_token_ids"], name
+        for key in ("logprobs", "actual_logprobs"):
+            for a, b in zip(result[key], want[key], strict=True):
+                assert np.allclose(np.ravel(a), np.ravel(b), atol=1e-5), (name, key)
+    scored = ScoreResponse.model_validate(httpx.post(f"{teacher.url}/v1/score", json={
+        "sequences": SEQS, "top_k": k}, timeout=60).json())
+    for seq, p, ids, lps, actual, res in zip(SEQS, PROMPT_LENGTHS, got["ours"]["logprob_token_ids"],
+                                              got["ours"]["logprobs"], got["ours"]["actual_logprobs"],
+                                              scored.results, strict=True):
+        rows = slice(p - 1, len(seq) - 1)  # TRL's position q (q >= p) is /v1/score's row q - 1
+        assert ids == res.top_ids[rows].tolist()
+        assert np.allclose(lps, res.top_logprobs[rows], atol=1e-5) if ids else not lps
+        assert np.allclose(np.ravel(actual), res.next_token_logprobs[rows], atol=1e-5) if ids else not actual
+
+
+def test_trl_async_distillation_scoring_with_a_teacher_per_row(
+        keyed: ServerProcess, fake_vllm: FakeVLLMProcess) -> None:
+    aiohttp = pytest.importorskip("aiohttp")
+    worker = pytest.importorskip("trl.experimental.async_distillation.async_rollout_worker")
+    from accelerate import PartialState
+
+    PartialState()  # the worker logs through accelerate's logger, which the trainer's process has set up
+    teachers = {"alice": f"http://trl:alice-secret-1@127.0.0.1:{keyed.port}", "open": keyed.url,
+                "vllm": fake_vllm.wait_up().url}
+    loop = worker._AsyncRolloutLoop(
+        model_name="student", dataset=[], processing_class=None, eos_token_ids=[], rollout_buffer=None,
+        model_version_value=None, heartbeat_value=None, failed_event=None, exception_info_queue=None,
+        metrics_queue=None, teacher_server_urls=teachers, teacher_top_k=4)
+
+    async def score_every_row() -> dict[str, list]:
+        out: dict[str, list] = {}
+        async with aiohttp.ClientSession() as session:
+            loop.session = session
+            await loop._resolve_teacher_model_names()
+            for row_teacher in teachers:  # MOPD: each row names its teacher, routed by TRL's own code
+                teacher_id, url = loop._resolve_teacher_server_url({"teacher_id": row_teacher})
+                out[teacher_id] = [await loop._score_with_teacher(seq[:p], seq[p:], url, loop.teacher_model_names[
+                    teacher_id]) for seq, p in zip(SEQS, PROMPT_LENGTHS, strict=True)]
+        return out
+
+    before = tokens_scored(keyed, "alice")
+    try:
+        got = loop._loop.run_until_complete(score_every_row())
+    finally:
+        loop._loop.close()
+    want = got.pop("vllm")
+    for name, rows in got.items():
+        for (ids, lps), (want_ids, want_lps) in zip(rows, want, strict=True):
+            assert ids == want_ids, name  # the actual token kept at its place after the top-k
+            assert all(len(a) == len(b) and np.allclose(a, b, atol=1e-5) for a, b in zip(lps, want_lps, strict=True))
+    assert tokens_scored(keyed, "alice") - before == 21  # one key per experiment: its own standing and figures
+
+
+def tokens_scored(server: ServerProcess, client: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", headers={"authorization": "Bearer alice-secret-1"}).text
+    line = f'trb_teacher_tokens_scored_total{{client="{client}"}} '
+    return sum(float(x.removeprefix(line)) for x in text.splitlines() if x.startswith(line))
