@@ -11,7 +11,6 @@ model (`tests/fake_vllm.py`, --max-logprobs -1), and `keyed`: a teacher with API
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ServerProcess, f32_diff
-from fake_vllm_process import FakeVLLMProcess
+from fake_vllm_process import FakeVLLMProcess, assert_same_answers
 from shared.protocol import ScoreResponse, SequenceScores
 from teacher_server.app import create_app
 from teacher_server.compat_routes import _param
@@ -170,18 +169,7 @@ def test_answers_equal_vllms_shape_on_the_same_model(teacher: ServerProcess, fak
     request = body(SEQS, k, temperature=0.0)
     ours, theirs = complete(teacher.url, request).json(), fake_vllm.complete(request).json()
     assert set(ours) >= set(theirs) and ours["model"] == theirs["model"] and ours["usage"]["prompt_tokens"] == 21
-    for mine, vllm in zip(ours["choices"], theirs["choices"], strict=True):
-        assert mine["text"] == vllm["text"] and mine["finish_reason"] == vllm["finish_reason"]  # greedy
-        assert set(mine) >= set(vllm)
-        for a, b in zip(mine["prompt_logprobs"], vllm["prompt_logprobs"], strict=True):
-            if b is None:
-                assert a is None
-                continue
-            assert list(a) == list(b)  # same keys, same order
-            for key, e in b.items():
-                assert a[key]["decoded_token"] == e["decoded_token"] and math.isclose(
-                    a[key]["logprob"], e["logprob"], abs_tol=1e-5)
-                assert a[key]["rank"] == e["rank"] or (e["rank"] > max(k, 1) and a[key]["rank"] == max(k, 1) + 1)
+    assert_same_answers(ours, theirs, k)
     listed = httpx.get(f"{teacher.url}/v1/models").json()
     ModelList.model_validate(listed)
     assert listed["data"][0]["id"] == fake_vllm.models()["data"][0]["id"]
