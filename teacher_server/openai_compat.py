@@ -176,21 +176,23 @@ def prompt_logprobs(seq: Sequence[int], scores: SequenceScores, k: int,
     the fetched top-k, else fetched + 1), then the top-k with ranks 1..k; a duplicate keeps its first key
     and takes the later value, as vLLM's dict does.
     """
-    top_ids, top_lp = scores.top_ids.tolist(), scores.top_logprobs.tolist()
-    actual_lp = scores.next_token_logprobs.tolist()
+    top_ids = scores.top_ids.tolist()
+    top_lp = _finite(scores.top_logprobs).tolist()
+    actual_lp = _finite(scores.next_token_logprobs).tolist()
     entries: list[dict[str, dict[str, Any]] | None] = [None]
-    for i in range(1, len(seq)):
+    for i in range(1, len(seq)):  # a plain loop of dict literals: an answer can hold 10^5 of them
         ids, lps, actual = top_ids[i - 1], top_lp[i - 1], seq[i]
         rank = ids.index(actual) + 1 if actual in ids else len(ids) + 1
-        entry = {str(actual): _logprob(actual_lp[i - 1], rank, decode(actual))}
+        entry = {str(actual): {"logprob": actual_lp[i - 1], "rank": rank, "decoded_token": decode(actual)}}
         for r in range(k):
-            entry[str(ids[r])] = _logprob(lps[r], r + 1, decode(ids[r]))
+            entry[str(ids[r])] = {"logprob": lps[r], "rank": r + 1, "decoded_token": decode(ids[r])}
         entries.append(entry)
     return entries
 
 
-def _logprob(value: float, rank: int, decoded: str | None) -> dict[str, Any]:
-    return {"logprob": NEG_INF_AS if value == float("-inf") else value, "rank": rank, "decoded_token": decoded}
+def _finite(lp: np.ndarray) -> np.ndarray:
+    """-inf as vLLM writes it in JSON (-9999.0)."""
+    return np.where(np.isneginf(lp), NEG_INF_AS, lp)
 
 
 def sample_token(top_ids: np.ndarray, top_lp: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
