@@ -77,7 +77,9 @@ async def models(request: Request) -> Response:
 
 
 @router.post("/v1/completions", summary="vLLM-compatible prompt-logprob scoring of token ids (docs/interop.md).",
-             responses={200: {"model": CompletionResponse}})
+             responses={200: {"model": CompletionResponse}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
 async def completions(request: Request) -> Response:
     try:
         server = get_server(request)

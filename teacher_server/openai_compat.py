@@ -58,7 +58,7 @@ class CompletionRequest(BaseModel):
                                       "As in vLLM, it never changes prompt_logprobs.")
     prompt_logprobs: int | None = Field(None, description="k: the top-k at every prompt position, plus the actual "
                                         "token; -1 for the whole vocabulary. Required.")
-    seed: int | None = Field(None, description="Seed of the sampled token.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Seed of the sampled token.")
     n: int = Field(1, description="Must be 1.")
     stream: bool | None = Field(False, description="Must be false (vLLM refuses prompt logprobs when streaming).")
     echo: bool | None = Field(False, description="Must be false.")
@@ -199,8 +199,11 @@ def sample_token(top_ids: np.ndarray, top_lp: np.ndarray, temperature: float, rn
     """One token from a top-k at `temperature` (0: the most likely); the mass outside the top-k is not drawn."""
     if temperature == 0 or len(top_ids) == 1:
         return int(top_ids[0])
-    logits = top_lp.astype(np.float64) / temperature
-    p = np.exp(logits - logits.max())
+    lp = top_lp.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # a temperature near 0 sends the rest to -inf: greedy
+        p = np.exp((lp - lp.max()) / temperature)
+    if not np.isfinite(p).all() or p.sum() <= 0:
+        return int(top_ids[0])
     return int(rng.choice(top_ids, p=p / p.sum()))
 
 
@@ -208,7 +211,7 @@ def completion_response(model: str, prompts: list[list[int]], results: list[Sequ
                         temperature: float, seed: int | None, decode: Callable[[int], str | None],
                         text_of: Callable[[int], str], eos_ids: frozenset[int]) -> dict[str, Any]:
     """vLLM's CompletionResponse as plain data (built as dicts: an answer holds L x (k+1) entries per prompt)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(None if seed is None else seed % 2**64)  # vLLM takes any int64
     choices = []
     for i, (seq, scores) in enumerate(zip(prompts, results, strict=True)):
         token = sample_token(scores.top_ids[-1], scores.top_logprobs[-1], temperature, rng)

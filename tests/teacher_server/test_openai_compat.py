@@ -104,6 +104,14 @@ def test_sampled_token_follows_the_temperature() -> None:
         assert np.abs(freq - p / p.sum()).max() < 0.03, (temperature, freq)
 
 
+def test_sampling_survives_extreme_temperatures_and_seeds() -> None:
+    ids, lps = np.array([4, 9]), np.array([-0.1, -2.4], np.float32)
+    assert sample_token(ids, lps, 1e-300, np.random.default_rng(0)) == 4  # underflow: greedy, never NaN
+    assert {sample_token(ids, lps, 1e300, np.random.default_rng(s)) for s in range(40)} == {4, 9}  # uniform
+    for seed in (-(2**63), 2**63 - 1, None):
+        CompletionRequest.model_validate({**body([1, 2], 1), "seed": seed})
+
+
 @pytest.mark.parametrize(("fields", "param"), [
     ({"prompt": "2+2="}, "prompt"), ({"prompt": [[1, 2], []]}, "prompt"), ({"prompt": [1, -2]}, "prompt"),
     ({"max_tokens": 16}, "max_tokens"), ({"max_tokens": None}, "max_tokens"), ({"n": 2}, "n"),
@@ -126,11 +134,28 @@ def test_field_names_are_the_clients() -> None:
 
 
 @pytest.fixture(scope="module")
-def fake_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeVLLMProcess]:
-    server = FakeVLLMProcess(tiny_model, tmp_path_factory.mktemp("logs") / "fake_vllm.log", "--max-logprobs", "-1",
-                             "--served-model-name", str(tiny_model))
-    yield server
-    server.stop()
+def engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeVLLMProcess,
+                                                                                        ServerProcess]]:
+    """The fake vLLM and `keyed` (a teacher with API keys and --compat-keyless-loopback), loading together."""
+    logs = tmp_path_factory.mktemp("compat")
+    (keys := logs / "keys").write_text(KEYS)
+    fake = FakeVLLMProcess(tiny_model, logs / "fake_vllm.log", "--max-logprobs", "-1",
+                           "--served-model-name", str(tiny_model))
+    keyed = ServerProcess(tiny_model, "--api-keys-file", str(keys), "--compat-keyless-loopback",
+                          log=logs / "teacher.log")
+    yield fake.wait_up(), keyed.wait_ready()
+    keyed.stop()
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_vllm(engines: tuple[FakeVLLMProcess, ServerProcess]) -> FakeVLLMProcess:
+    return engines[0]
+
+
+@pytest.fixture(scope="module")
+def keyed(engines: tuple[FakeVLLMProcess, ServerProcess]) -> ServerProcess:
+    return engines[1]
 
 
 def test_completions_equal_score_top_k(teacher: ServerProcess) -> None:
@@ -193,16 +218,6 @@ def test_refusals_are_4xx_in_vllms_error_shape(teacher: ServerProcess, fields: d
 
 
 # ---- keys: the default guard, a key as HTTP Basic, keyless loopback by flag -------------------------------
-
-
-@pytest.fixture(scope="module")
-def keyed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    logs = tmp_path_factory.mktemp("keyed")
-    (keys := logs / "keys").write_text(KEYS)
-    server = ServerProcess(tiny_model, "--api-keys-file", str(keys), "--compat-keyless-loopback",
-                           log=logs / "teacher.log").wait_ready()
-    yield server
-    server.stop()
 
 
 def test_keys_as_bearer_basic_or_keyless_loopback(keyed: ServerProcess) -> None:
