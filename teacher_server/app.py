@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.protocol import ErrorCode, ModelInfo
@@ -24,7 +25,9 @@ from teacher_server import limits
 from teacher_server.auth import key_name, load_keys
 from teacher_server.backends.base import Backend
 from teacher_server.backends.factory import load_backend
-from teacher_server.deps import client_of
+from teacher_server.compat_routes import COMPAT_PATHS, vllm_error
+from teacher_server.compat_routes import router as compat_router
+from teacher_server.deps import client_of, is_loopback
 from teacher_server.engine_health import EngineHealth
 from teacher_server.errors import error_response, install_error_handlers
 from teacher_server.metrics import Metrics
@@ -108,15 +111,14 @@ class Gatekeeper:
             await send(message)
 
         try:
-            keys = scope["app"].state.keys
-            if keys and scope["path"] not in OPEN_PATHS:
-                name = key_name(keys, request.headers.get("authorization"), request.headers.get("x-api-key"))
-                if name is None:
-                    response = error_response(401, ErrorCode.UNAUTHORIZED, "a valid API key is required "
-                                              "(Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
-                    await response(scope, receive, watch)
+            state = scope["app"].state
+            if state.keys and scope["path"] not in OPEN_PATHS:
+                name = key_name(state.keys, request.headers.get("authorization"), request.headers.get("x-api-key"))
+                if name is None and not _keyless(state, scope, request):
+                    await _unauthorized(scope["path"])(scope, receive, watch)
                     return
-                request.state.key_name = name
+                if name is not None:
+                    request.state.key_name = name
             await self.app(scope, receive, watch)
         finally:
             server: Server | None = scope["app"].state.server
@@ -129,6 +131,21 @@ class Gatekeeper:
                 if status >= 400:
                     code = error_code.decode() if error_code else str(status)
                     server.metrics.errors.labels(path, client, code).inc()
+
+
+def _keyless(state: Any, scope: Scope, request: Request) -> bool:
+    """The vLLM-compatible routes answer a loopback peer that presents no key, when the operator said so
+    (`compat_keyless_loopback`): TRL's AsyncDistillationTrainer sends no credentials at all."""
+    return (state.compat_keyless and scope["path"] in COMPAT_PATHS and is_loopback(scope.get("client"))
+            and not request.headers.get("authorization") and not request.headers.get("x-api-key"))
+
+
+def _unauthorized(path: str) -> Response:
+    message = "a valid API key is required (Authorization: Bearer <key>, or Basic with the key as password)"
+    headers = {"WWW-Authenticate": "Bearer"}
+    if path in COMPAT_PATHS:  # in the shape OpenAI-style clients read
+        return vllm_error(401, ErrorCode.UNAUTHORIZED, message, None, headers)
+    return error_response(401, ErrorCode.UNAUTHORIZED, message, headers=headers)
 
 
 def _load_in_background(factory: Callable[[ServerSettings], Backend], cfg: ServerSettings) -> asyncio.Future:
@@ -203,8 +220,11 @@ def create_app(cfg: ServerSettings, backend_factory: Callable[[ServerSettings], 
     app.state.server = None
     app.state.startup_error = None
     app.state.keys = load_keys(cfg.api_keys, cfg.api_keys_file, cfg.shared_key_file, os.environ.get("TRB_API_KEY"))
+    app.state.compat_keyless = cfg.compat_keyless_loopback
+    app.state.compat_words, app.state.compat_lock = None, asyncio.Lock()  # the tokenizer of compat_routes.Words
     install_error_handlers(app)
 
     app.add_middleware(Gatekeeper)
     app.include_router(router)
+    app.include_router(compat_router)
     return app

@@ -2,7 +2,9 @@
 
 Keys come from `TRB_TEACHER_API_KEYS="name:secret,name2:secret2"` and/or a file with one
 `name:secret` per line (`#` comments allowed). With keys configured, every route but `/health`
-needs `Authorization: Bearer <secret>` (or `X-API-Key: <secret>`).
+needs `Authorization: Bearer <secret>` (or `X-API-Key: <secret>`, or HTTP Basic with the secret as the
+password: what a client sends for a URL such as `http://trl:<secret>@host:8000` or a ~/.netrc entry,
+the only way to give a key to clients that set no header of their own, like TRL's; docs/interop.md).
 
 A shared key file (`--shared-key-file`, used by docker-compose.yml) lets a stack start with no key
 set by hand: the teacher mints a random key into a file that only it and its trainers can see, and
@@ -11,6 +13,8 @@ accepts it as client `trainer`; the trainers read it through `TRB_API_KEY_FILE`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import os
 import secrets
@@ -121,8 +125,11 @@ def load_secret(inline: str | None, file: str | None, source: str) -> str | None
 def key_name(keys: dict[str, str], authorization: str | None, x_api_key: str | None) -> str | None:
     """The name of the presented key, or None; compares secrets in constant time."""
     presented = x_api_key or ""
-    if authorization and authorization.lower().startswith("bearer "):
-        presented = authorization[7:].strip()
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        presented = credentials.strip()
+    elif scheme.lower() == "basic":
+        presented = basic_password(credentials.strip())
     if not presented:
         return None
     found = None
@@ -130,3 +137,13 @@ def key_name(keys: dict[str, str], authorization: str | None, x_api_key: str | N
         if hmac.compare_digest(secret.encode(), presented.encode()):
             found = name
     return found
+
+
+def basic_password(credentials: str) -> str:
+    """The password of HTTP Basic credentials (base64 of `user:password`; the user part is not checked:
+    the key alone names the client), or "" when they are malformed."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[2]

@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--shared-key-file", default=None, help="Key file shared with the trainers (docker "
                        "compose): the key in it is accepted as client `trainer`, minted there (mode 0600) at the "
                        "first start and reused after; $TRB_API_KEY, when set, is used instead and the file left alone.")
+    serve.add_argument("--compat-keyless-loopback", action="store_true", default=None,
+                       help="With API keys set, still answer /v1/completions and /v1/models from loopback peers "
+                       "that send no key (TRL's clients send none; docs/interop.md). Other peers and routes need a key.")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="Allow a non-loopback --host without API keys (trusted networks only).")
     serve.add_argument("--log-level", default="info")

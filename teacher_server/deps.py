@@ -43,6 +43,11 @@ def client_of(request: Request) -> str:
     return f"peer:{host}"[:MAX_CLIENT_LABEL]
 
 
+def is_loopback(peer: tuple[str, int] | list | None) -> bool:
+    """Whether an ASGI scope's `client` (host, port) is on this machine."""
+    return bool(peer) and _loopback(str(peer[0]))
+
+
 @functools.lru_cache(maxsize=1024)
 def _loopback(host: str) -> bool:
     try:

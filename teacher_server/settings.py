@@ -66,6 +66,10 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = 64 << 20
     api_keys: str | None = Field(None, description="name:secret,... (prefer api_keys_file).")
     api_keys_file: str | None = None
+    compat_keyless_loopback: bool = Field(False, description="The vLLM-compatible routes (/v1/completions, "
+                                          "/v1/models) answer loopback peers that send no key, though keys are set "
+                                          "(for clients that send none, like TRL's AsyncDistillationTrainer); other "
+                                          "peers and every other route still need a key (docs/interop.md).")
     shared_key_file: str | None = Field(None, description="The trainers' key, shared through a file (docker "
                                         "compose): accepted as client `trainer`; minted there (mode 0600) at the "
                                         "first start and reused after. $TRB_API_KEY, when set, is used instead.")

@@ -278,3 +278,88 @@ def test_the_training_signal_matches_hf(topk_teacher: ServerProcess, exact_teach
               f"rollout KL {r['rollout_kl']:.4f} ({r['rollout_ratio']:.4f})")
     exact = rows[1]
     assert abs(exact["probe_ratio"] - 1) <= 0.005 and abs(exact["rollout_ratio"] - 1) <= 0.005
+
+
+# ---- our vLLM-compatible route (docs/interop.md) against real vLLM, and TRL's clients against both -----
+def _compat(url: str, body: dict, key: str | None = None) -> dict:
+    resp = body_of(url, "/v1/completions", body, key)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.mark.parametrize("k", [0, 5, vllm_engine.MAX_LOGPROBS])
+def test_compat_route_answers_as_real_vllm(generate: Engine, hf_teacher: ServerProcess,
+                                           topk_teacher: ServerProcess, exact_teacher: ServerProcess, k: int) -> None:
+    from fake_vllm_process import assert_same_answers
+
+    body = {"model": str(TEACHER), "prompt": SEQS, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+    real = _compat(generate.url, body, KEY)
+    warm = _compat(generate.url, {**body, "temperature": 0.7, "seed": 1}, KEY)  # temperature never reaches them
+    assert [c["prompt_logprobs"] for c in warm["choices"]] == [c["prompt_logprobs"] for c in real["choices"]]
+    for teacher in (hf_teacher, topk_teacher, exact_teacher):  # every backend: hf, vLLM top-k, vLLM hidden states
+        assert_same_answers(_compat(teacher.url, body), real, k, atol=TOL)
+    ours = httpx.get(f"{hf_teacher.url}/v1/models").json()
+    theirs = httpx.get(f"{generate.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert set(ours["data"][0]) == set(theirs["data"][0]) and ours["data"][0]["id"] == theirs["data"][0]["id"]
+
+
+def test_trl_clients_read_the_same_from_real_vllm_and_from_us(generate: Engine, hf_teacher: ServerProcess,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRL's VLLMClient.get_sequence_logprobs and AsyncDistillationTrainer's _score_with_teacher, unchanged.
+
+    Real vLLM here runs with --api-key, which TRL's clients cannot send (no header of their own; vLLM takes
+    Bearer only): for it alone the test gives their HTTP sessions the Bearer header.
+    """
+    import asyncio
+
+    import aiohttp
+    import requests
+    import trl.generation.vllm_client as vc
+    from accelerate import PartialState
+    from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
+
+    monkeypatch.setattr(vc, "is_vllm_available", lambda *a, **k: True)  # the import gate only
+    lengths, k = [3, 2, 1], 6
+    got = {}
+    for name, url in (("ours", hf_teacher.url), ("vllm", generate.url)):
+        headers = {"Authorization": f"Bearer {KEY}"} if name == "vllm" else {}
+        monkeypatch.setattr(vc.requests, "Session", lambda headers=headers: _session(requests, headers))
+        got[name] = vc.VLLMClient(base_url=url).get_sequence_logprobs(SEQS, lengths, top_logprobs=k)
+    assert got["ours"]["logprob_token_ids"] == got["vllm"]["logprob_token_ids"]
+    for key in ("logprobs", "actual_logprobs"):
+        for a, b in zip(got["ours"][key], got["vllm"][key], strict=True):
+            assert np.abs(np.ravel(a) - np.ravel(b)).max(initial=0) <= TOL, key
+    ref = scores(hf_teacher.url, {"sequences": SEQS, "top_k": k})
+    for seq, p, ids, res in zip(SEQS, lengths, got["ours"]["logprob_token_ids"], ref.results, strict=True):
+        assert ids == res.top_ids[p - 1:len(seq) - 1].tolist()  # TRL's position q is /v1/score's row q - 1
+
+    PartialState()
+    loop = _AsyncRolloutLoop(model_name="s", dataset=[], processing_class=None, eos_token_ids=[], rollout_buffer=None,
+                             model_version_value=None, heartbeat_value=None, failed_event=None,
+                             exception_info_queue=None, metrics_queue=None, teacher_top_k=k,
+                             teacher_server_urls={"ours": hf_teacher.url, "vllm": generate.url})
+
+    async def score(teacher_id: str) -> list:
+        headers = {"Authorization": f"Bearer {KEY}"} if teacher_id == "vllm" else {}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            loop.session = session
+            loop.teacher_model_names[teacher_id] = (await loop._get(loop.teacher_server_urls[teacher_id], "/v1/models",
+                                                                    30))["data"][0]["id"]
+            _, url = loop._resolve_teacher_server_url({"teacher_id": teacher_id})
+            return [await loop._score_with_teacher(s[:p], s[p:], url, loop.teacher_model_names[teacher_id])
+                    for s, p in zip(SEQS, lengths, strict=True)]
+
+    try:
+        ours, vllm = (loop._loop.run_until_complete(score(t)) for t in ("ours", "vllm"))
+    finally:
+        loop._loop.close()
+        asyncio.set_event_loop(None)
+    for (ids, lps), (want_ids, want_lps) in zip(ours, vllm, strict=True):
+        assert ids == want_ids  # the actual token after the top-k wherever it ranks
+        assert all(np.abs(np.subtract(a, b)).max(initial=0) <= TOL for a, b in zip(lps, want_lps, strict=True))
+
+
+def _session(requests: object, headers: dict[str, str]) -> object:
+    session = requests.sessions.Session()
+    session.headers.update(headers)
+    return session

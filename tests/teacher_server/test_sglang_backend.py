@@ -438,3 +438,14 @@ def test_top_k_path_says_its_tail_is_bounded(sglang_teacher: ServerProcess) -> N
     info = httpx.get(f"{sglang_teacher.url}/v1/model").json()
     assert info["tail"] == "bounded" and info["tail_bound"] == TOPK_MASS_BOUND
     assert scores(sglang_teacher.url, {"sequences": SEQS[:1]}).tail == "bounded"
+
+
+def test_compat_route_over_sglang_answers_as_over_hf(sglang_teacher: ServerProcess, teacher: ServerProcess) -> None:
+    """/v1/completions on the sglang backend: the hf backend's answer on the same model (docs/interop.md)."""
+    from fake_vllm_process import assert_same_answers
+
+    body = {"prompt": [[1, 5, 6, 7, 8, 9], [2, 30, 47, 32]], "max_tokens": 1, "temperature": 0.0,
+            "prompt_logprobs": 3}
+    ours, ref = (httpx.post(f"{s.url}/v1/completions", json=body, timeout=120) for s in (sglang_teacher, teacher))
+    assert ours.status_code == 200, ours.text
+    assert_same_answers(ours.json(), ref.json(), 3, atol=TOL)

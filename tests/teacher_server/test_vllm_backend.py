@@ -401,3 +401,16 @@ def test_an_engine_restart_is_a_503_and_the_client_rides_it_out(tiny_model: Path
     finally:
         server.stop()
         engine.stop()
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_compat_route_over_vllm_answers_as_vllm_itself(vllm_teacher: ServerProcess, fake: FakeVLLM, k: int) -> None:
+    """/v1/completions on the vllm backend: the fake vLLM's own answer to the same request (docs/interop.md)."""
+    from fake_vllm_process import assert_same_answers
+
+    body = {"prompt": SEQS, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}
+    ours = httpx.post(f"{vllm_teacher.url}/v1/completions", json=body, timeout=120)
+    assert ours.status_code == 200, ours.text
+    assert_same_answers(ours.json(), fake.complete(body).json(), k)
+    over = httpx.post(f"{vllm_teacher.url}/v1/completions", json={**body, "prompt_logprobs": CAP + 1}, timeout=30)
+    assert over.status_code == 400 and over.json()["error"]["param"] == "prompt_logprobs"  # vLLM's own cap
