@@ -15,7 +15,8 @@ from student_trainer.config import ConfigError, load_config
 from student_trainer.data import TaskData
 from student_trainer.tasks import math_grader
 from student_trainer.tasks.arithmetic import Problem
-from student_trainer.tasks.math import answers_match, verify
+from student_trainer.tasks.math import answers_match
+from student_trainer.tasks.math_grader import verify
 
 CASES = [json.loads(line) for line in (REPO / "tests" / "data" / "math_grading_cases.jsonl").read_text().splitlines()]
 HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
