@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
+import threading
+from typing import Any
 
 from shared.model_source import ModelSourceError
 from student_trainer.config import ConfigError, load_config
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     from student_trainer.teacher.client import TeacherError
     from student_trainer.training.loop import TrainingError, train_sync
 
+    # `kill` (SIGTERM: a scheduler's preemption, a job's time limit) ends a run as Ctrl-C does: the local
+    # teacher and the producer process stop with it instead of outliving it, and the last checkpoint stays.
+    previous = _sigterm_as_interrupt()
     try:
         if args.check:
             from student_trainer.dry_run import check
@@ -77,6 +83,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"trb-train: {exc}")
     except KeyboardInterrupt:
         sys.exit("trb-train: interrupted; the last checkpoint is intact (use --resume)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM raises KeyboardInterrupt (the previous handler returned), in the main thread only: Python's
+    default for SIGTERM ends the process without unwinding, so no `finally` would stop the children."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 if __name__ == "__main__":

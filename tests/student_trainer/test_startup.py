@@ -3,12 +3,15 @@ ends in one line naming the key at fault, a wait says what it waits for, and `--
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -142,3 +145,48 @@ def test_a_run_prints_no_transformers_progress_bars(task_models, task_teacher, t
     assert (tmp_path / "run" / "checkpoints").exists()
     for bar in ("Loading weights", "Writing model shards"):
         assert bar not in proc.stdout + proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _wait_for(what: str, ready: Callable[[], bool], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_sigterm_ends_the_run_and_its_local_teacher(task_models, tmp_path: Path) -> None:
+    """`kill` on a run that started its own teacher: the run stops as on Ctrl-C and the teacher with it;
+    under Python's default SIGTERM the trainer vanished without unwinding and left its teacher running."""
+    teacher, student = task_models
+    args = [sys.executable, "-m", "student_trainer.cli", "--config", "recipes/arithmetic/trb.yaml"]
+    sets = [*_tiny(task_models, "null", tmp_path / "run"), f"teacher.model={teacher}", "train.steps=100000",
+            "train.eval_every=0", "train.save_every=0"]
+    proc = subprocess.Popen(args + [x for s in sets for x in ("--set", s)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TRB_API_KEY": ""})
+    metrics, teachers = tmp_path / "run" / "metrics.jsonl", []
+    try:
+        _wait_for("the first step", lambda: metrics.exists() and '"loss"' in metrics.read_text())
+        teachers = [p for p in _children(proc.pid) if b"teacher_server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(teachers) == 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "interrupted; the last checkpoint is intact" in err, err
+        _wait_for("the local teacher to exit", lambda: not Path(f"/proc/{teachers[0]}").exists(), 60)
+    finally:
+        proc.kill()
+        for pid in teachers:  # an orphan of a failed run must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
