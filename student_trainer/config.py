@@ -155,7 +155,8 @@ class DataCfg(_Section):
                                                 "math: problems from data.path.")
     seed: int = Field(0, description="Seed of the training prompts: their order (math) or draw (arithmetic).")
     eval_seed: int | None = Field(None, description="Seed of the held-out eval set and the KL probe, apart from "
-                                  "the training prompts' (a fixed benchmark across seeds and methods); null: data.seed.")
+                                  "the training prompts' (a fixed benchmark across seeds and methods); "
+                                  "null: data.seed.")
     difficulty: dict[str, Any] = Field(default_factory=dict, description="Task generator knobs (arithmetic).")
     eval_size: int = Field(200, ge=1, description="Held-out problems for greedy pass@1 accuracy.")
     probe_size: int = Field(32, ge=1, description="Fixed prompts+solutions for the KL probe.")

@@ -91,18 +91,14 @@ async def check(cfg: Config, resume: bool = False) -> list[str]:
     lines = [("student", f"{source} ({how}): {params / 1e6:.2f}M parameters, {cfg.student.dtype} on "
                          f"{cfg.student.device}")]
     data_line, longest_prompt = _data(cfg, tokenizer)
-    local = {}
-    try:
-        for tid, model in startup.local_teachers(cfg).items():
-            log = Path(tempfile.gettempdir()) / f"trb-check-teacher-{tid}-{out.name}.log"
-            local[tid] = startup.start_local_teacher(cfg, log, model=model)
+    def log_of(tid: str) -> Path:
+        return Path(tempfile.gettempdir()) / f"trb-check-teacher-{tid}-{out.name}.log"
+
+    with startup.serving_local_teachers(cfg, log_of) as local:
         async with AsyncExitStack() as stack:
-            urls = startup.teacher_urls(cfg, {tid: [t.url] for tid, t in local.items()})
+            urls = startup.teacher_urls(cfg, local)
             teachers = await startup.open_teachers(stack, cfg, urls, "trainer:check", tokenizer)
             info = await teachers[DEFAULT_TEACHER].model_info()
-    finally:
-        for teacher in local.values():
-            teacher.stop()
     _teacher_limits(cfg, info, longest_prompt + cfg.train.max_new_tokens)
     where = f"{', '.join(cfg.teacher.urls)}: {info.model}" if cfg.teacher.urls else \
         f"{cfg.teacher.model} (a local server, started and stopped)"

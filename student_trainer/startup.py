@@ -9,8 +9,8 @@ go through these same steps.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,20 @@ def start_local_teacher(cfg: Config, log: Path, report: Report = say, model: str
     except (RuntimeError, TimeoutError) as exc:
         teacher.stop()
         raise TeacherError(f"{exc}{_last_line(log)}") from exc
+
+
+@contextmanager
+def serving_local_teachers(cfg: Config, log_of: Callable[[str], Path]) -> Iterator[dict[str, list[str]]]:
+    """The teachers the trainer serves itself (one each), started, and stopped on leaving: {teacher id: [url]}
+    for `teacher_urls`. `log_of(teacher id)` is where each one's server log goes."""
+    started: dict[str, LocalTeacher] = {}
+    try:
+        for tid, model in local_teachers(cfg).items():
+            started[tid] = start_local_teacher(cfg, log_of(tid), model=model)
+        yield {tid: [teacher.url] for tid, teacher in started.items()}
+    finally:
+        for teacher in started.values():
+            teacher.stop()
 
 
 def _last_line(log: Path) -> str:

@@ -283,7 +283,8 @@ class TeacherClient:
         if resp.status_code in (401, 403):
             what = "the API key" if "authorization" in r.http.headers else "a request without an API key"
             raise TeacherError(f"teacher at {r.url} refused {what} ({resp.status_code} {detail}); set "
-                               "teacher.api_key or $TRB_API_KEY to a key the server accepts", resp.status_code, err.code)
+                               "teacher.api_key or $TRB_API_KEY to a key the server accepts",
+                               resp.status_code, err.code)
         if resp.status_code == 404:
             raise TeacherError(f"teacher at {r.url} has no /ready route (404): is teacher.url a trb-teacher "
                                "server (scheme, host, port, no path)?", 404)

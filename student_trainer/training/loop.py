@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +80,13 @@ async def _setup(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
     source = str(ckpt) if ckpt else cfg.student.path
     student = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.student.dtype)).to(d.device)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    local = {}  # the teachers the trainer serves itself: one each, shared by every rank
-    try:
-        for tid, model in (startup.local_teachers(cfg) if d.main else {}).items():
-            log = out / ("teacher.log" if tid == DEFAULT_TEACHER else f"teacher-{tid}.log")
-            local[tid] = startup.start_local_teacher(cfg, log, model=model)
-        urls = startup.teacher_urls(cfg, distributed.broadcast(d, {tid: [t.url] for tid, t in local.items()}))
+
+    def log_of(tid: str) -> Path:
+        return out / ("teacher.log" if tid == DEFAULT_TEACHER else f"teacher-{tid}.log")
+
+    # the teachers the trainer serves itself: started by the main rank, one each, shared by every rank
+    with (startup.serving_local_teachers(cfg, log_of) if d.main else nullcontext({})) as local:
+        urls = startup.teacher_urls(cfg, distributed.broadcast(d, local))
         async with AsyncExitStack() as stack:
             teachers = await startup.open_teachers(stack, cfg, urls, f"trainer:{out.name}", tokenizer,
                                                    report=startup.say if d.main else startup.quiet)
@@ -93,9 +94,6 @@ async def _setup(cfg: Config, resume: bool, d: Dist) -> dict[str, Any]:
             if ckpt:
                 restore(run, ckpt)
             return await _loop(run)
-    finally:
-        for teacher in local.values():
-            teacher.stop()
 
 
 async def _loop(run: Run) -> dict[str, Any]:
