@@ -4,7 +4,9 @@ to the engine's own HTTP API, alternating in one run.
 The work: 32 arithmetic sequences (about 1,100 tokens), the top-20 at every position. Straight to the engine
 that is vLLM's `/v1/completions` with `prompt_logprobs: 20` (what a vLLM user sends for it) and SGLang's
 `/generate` with `top_logprobs_num: 20` from position 0. Through our teacher, /v1/score (msgpack), which
-talks to a vLLM generate server, a vLLM pooling runner (hidden states, exact), or SGLang with hidden states.
+talks to a vLLM generate server, a vLLM pooling runner (hidden states, exact), SGLang with hidden states
+(exact), or a second SGLang launched without them, which the teacher asks for the same top-20 as the direct
+call (its tail bounded): that row is the proxy's own cost, the exact rows add the price of the exact tail.
 Engines come from the venvs of scripts/engines/*.sh; an engine whose venv is missing is left out.
 
 SGLang runs with `--sleep-on-idle` (tests/engines/sglang_engine.py): without it its scheduler polls at 100%
@@ -180,6 +182,18 @@ def run(threads: int = 1, quick: bool = False) -> Section:
             add_rows(section, times, "SGLang /generate")
         finally:
             sgl.stop()
+        # The same work like for like: SGLang without the exact path's flags, so the teacher asks it for the
+        # top-20 the direct call asks for (its tail then bounded, not exact): the proxy's own cost.
+        topk = Engine(sglang_engine, "sglang-topk", logs, hidden_states=False)
+        try:
+            url = topk.front("sglang")
+            with httpx.Client(base_url=topk.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t:
+                base = "SGLang /generate (no hidden states)"
+                times = alternate({base: lambda: post(direct, "/generate", json=generate),
+                                   "teacher on SGLang, top-k (bounded tail)": teacher_call(t, seqs)}, rounds)
+            add_rows(section, times, base)
+        finally:
+            topk.stop()
     return section
 
 

@@ -51,16 +51,19 @@ def venv_python() -> pathlib.Path | None:
     return python if (venv / STAMP).is_file() and python.exists() else None
 
 
-def command(model: str, port: int, *, api_key: str | None = None, extra_args: Sequence[str] = ()) -> list[str]:
-    """The server's command line (without the environment `launch` adds)."""
+def command(model: str, port: int, *, api_key: str | None = None, extra_args: Sequence[str] = (),
+            hidden_states: bool = True) -> list[str]:
+    """The server's command line (without the environment `launch` adds); `hidden_states` False launches
+    it without the flags of the exact path, so a teacher in front of it takes the top-k path."""
     python = venv_python()
     if python is None:
         raise RuntimeError(f"no SGLang venv under {engines_dir()}: run scripts/engines/sglang.sh first")
     cmd = [str(python), "-m", "sglang.launch_server", "--model-path", model,
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
            "--disable-overlap-schedule", "--max-total-tokens", str(MAX_TOTAL_TOKENS),
-           "--enable-return-hidden-states", "--chunked-prefill-size", "-1",
            "--mem-fraction-static", str(MEM_FRACTION_STATIC), "--sleep-on-idle"]
+    if hidden_states:
+        cmd += ["--enable-return-hidden-states", "--chunked-prefill-size", "-1"]
     if api_key is not None:
         cmd += ["--api-key", api_key]
     return cmd + list(extra_args)
@@ -83,9 +86,9 @@ def environment(threads: int = 1) -> dict[str, str]:
 
 
 def launch(model: str, port: int, *, api_key: str | None = None, log_path: pathlib.Path,
-           threads: int = 1, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+           threads: int = 1, extra_args: Sequence[str] = (), hidden_states: bool = True) -> subprocess.Popen:
     """Start SGLang on 127.0.0.1:port, stdout and stderr to log_path, in a new session; does not wait."""
-    cmd = command(model, port, api_key=api_key, extra_args=extra_args)
+    cmd = command(model, port, api_key=api_key, extra_args=extra_args, hidden_states=hidden_states)
     log_path = pathlib.Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     shown = ["<key>" if i and cmd[i - 1] == "--api-key" else a for i, a in enumerate(cmd)]
