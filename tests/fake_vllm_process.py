@@ -15,9 +15,12 @@ from student_trainer.teacher.local import free_port
 FAKE = Path(__file__).resolve().parent / "fake_vllm.py"
 
 
+_OWN_KEY = object()  # complete()'s default: the key the fake was started with
+
+
 class FakeVLLMProcess:
-    def __init__(self, model: Path, log: Path, *extra: str, key: str | None = None) -> None:
-        self.url = f"http://127.0.0.1:{(port := free_port())}"
+    def __init__(self, model: Path, log: Path, *extra: str, key: str | None = None, port: int | None = None) -> None:
+        self.url = f"http://127.0.0.1:{(port := port or free_port())}"
         self.key = key
         self._log = open(log, "a")
         self.proc = subprocess.Popen(
@@ -36,12 +39,19 @@ class FakeVLLMProcess:
                     raise
                 time.sleep(0.2)
 
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        key = key or self.key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def complete(self, body: dict) -> httpx.Response:
+    def requests(self) -> list[dict]:
+        """What the fake was sent so far (its own route, no key needed)."""
+        return httpx.get(f"{self.url}/fake/requests", timeout=10).json()
+
+    def complete(self, body: dict, key: str | None | object = _OWN_KEY) -> httpx.Response:
+        """POST /v1/completions with the fake's own key, or `key` (None: no key at all)."""
         self.wait_up()
-        return httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers(), timeout=60)
+        headers = self.headers() if key is _OWN_KEY else self.headers(key) if key else {}
+        return httpx.post(f"{self.url}/v1/completions", json=body, headers=headers, timeout=60)
 
     def models(self) -> dict:
         self.wait_up()

@@ -10,9 +10,6 @@ way a real deployment may be: with an API key, a served name other than the path
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import ServerProcess, free_port
+from fake_vllm_process import FakeVLLMProcess as FakeVLLM
 from shared import codec
 from shared.protocol import ScoreRequest, ScoreResponse
 from student_trainer.rollouts.targets import TargetStream
@@ -31,7 +29,6 @@ from teacher_server.backends.vllm import DUMMY, VLLMBackend, batches, sequence_s
 from teacher_server.backends.vllm_transport import Entry, VLLMError, error_message
 from teacher_server.settings import ServerSettings
 
-FAKE = Path(__file__).resolve().parents[1] / "fake_vllm.py"
 SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, 47, 32, 47], [7]]
 TOL = 1e-5  # same weights, both float32 (real vLLM in bf16 would need far more)
 KEY = "vllm-test-key-0123"
@@ -40,46 +37,10 @@ LIMIT = MAX_MODEL_LEN - 2  # our max_context: vLLM serves prompts up to max_mode
 CAP = 12  # the fake's --max-logprobs
 
 
-class FakeVLLM:
-    """`python tests/fake_vllm.py` as a child process with one torch thread."""
-
-    def __init__(self, model: Path, log: Path, *extra: str, port: int | None = None) -> None:
-        self.url = f"http://127.0.0.1:{(port := port or free_port())}"
-        self._log = open(log, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(FAKE), "--model", str(model), "--port", str(port), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-    def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/fake/requests").json()
-
-    def wait_up(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.requests()
-                return
-            except httpx.TransportError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-
-    def complete(self, body: dict, key: str | None = KEY) -> httpx.Response:
-        self.wait_up()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}/v1/completions", json=body, headers=headers, timeout=30)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeVLLM]:
-    server = FakeVLLM(tiny_model, tmp_path_factory.mktemp("logs") / "fake_vllm.log", "--api-key", KEY,
-                      "--served-model-name", "tiny-teacher", "--max-model-len", str(MAX_MODEL_LEN),
-                      "--max-logprobs", str(CAP))
+    server = FakeVLLM(tiny_model, tmp_path_factory.mktemp("logs") / "fake_vllm.log", "--served-model-name",
+                      "tiny-teacher", "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", str(CAP), key=KEY)
     yield server
     server.stop()
 
@@ -309,7 +270,7 @@ def test_settings_need_a_vllm_url_and_hide_its_key() -> None:
 @pytest.fixture(scope="module")
 def pooling_fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeVLLM]:
     server = FakeVLLM(tiny_model, tmp_path_factory.mktemp("logs") / "fake_vllm_pooling.log", "--runner", "pooling",
-                      "--max-model-len", str(MAX_MODEL_LEN), "--api-key", KEY)
+                      "--max-model-len", str(MAX_MODEL_LEN), key=KEY)
     yield server
     server.stop()
 
@@ -347,8 +308,8 @@ def test_stacked_scores_are_those_of_one_sequence_at_a_time() -> None:
     seqs, starts = [[1, 5, 6, 7], [2, 3], [4, 9, 9]], [1, 0, 2]
     req = ScoreRequest(sequences=seqs, start=starts, top_k=3, token_ids=[0, 5], full=True)
     rows = [torch.randn(len(s) - b, 12).log_softmax(-1) for s, b in zip(seqs, starts, strict=True)]
-    for got, seq, start, lp in zip(stacked_scores(torch.cat(rows), list(zip(seqs, starts)), req), seqs, starts, rows,
-                                   strict=True):
+    items = list(zip(seqs, starts, strict=True))
+    for got, seq, start, lp in zip(stacked_scores(torch.cat(rows), items, req), seqs, starts, rows, strict=True):
         one = scores_from_logprobs(lp, seq, start, req)
         for name in ("start", "top_ids", "top_logprobs", "tail_logprob", "next_token_logprobs", "token_logprobs",
                      "logprobs"):
