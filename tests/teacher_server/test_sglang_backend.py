@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +22,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fake_sglang_process import FakeSGLang
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess
 from shared import codec
 from shared.protocol import ScoreRequest, ScoreResponse, SessionStep
 from teacher_server.backends.sglang import (
@@ -38,7 +36,6 @@ from teacher_server.backends.sglang_transport import (
     error_message,
 )
 
-FAKE = Path(__file__).resolve().parents[1] / "fake_sglang.py"
 LAST = 47  # the tiny model's last vocabulary id (vocab_size 48): SGLang reports it as 0 in input entries
 SEQS = [[1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [1, 13, 14], [2, 30, LAST, 32, LAST], [7]]
 TOL = 1e-4  # same weights, both float32: they agree to ~1e-6 (real SGLang in bf16 would need far more)
@@ -47,47 +44,11 @@ CONTEXT = 64  # the fake's --context-length
 LIMIT = min(CONTEXT - 1, (1 << 20) - 1) - 5 - 1  # max_req_input_len - 1: the longest prompt SGLang serves
 
 
-class FakeSGLang:
-    """`python tests/fake_sglang.py` as a child process with one torch thread."""
-
-    def __init__(self, model: Path, log: Path, *extra: str) -> None:
-        self.url = f"http://127.0.0.1:{(port := free_port())}"
-        self._log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(FAKE), "--model", str(model), "--port", str(port), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-    def requests(self) -> list[dict]:
-        return httpx.get(f"{self.url}/fake/requests").json()
-
-    def wait_up(self, timeout_s: float = 120) -> None:
-        """Until it answers (on a route of its own, so /health still starts with its 503s)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.requests()
-                return
-            except httpx.TransportError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-
-    def generate(self, body: dict, key: str | None = KEY) -> httpx.Response:
-        self.wait_up()  # a test may run alone, before anything else waited for the fake
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}/generate", json=body, headers=headers, timeout=30)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSGLang]:
     server = FakeSGLang(tiny_model, tmp_path_factory.mktemp("logs") / "fake_sglang.log",
-                        "--api-key", KEY, "--context-length", str(CONTEXT), "--starting-health-calls", "3",
-                        "--preferred-sampling-params", json.dumps({"temperature": 0.7}))
+                        "--context-length", str(CONTEXT), "--starting-health-calls", "3",
+                        "--preferred-sampling-params", json.dumps({"temperature": 0.7}), key=KEY)
     yield server
     server.stop()
 
@@ -381,7 +342,8 @@ def test_fake_reports_the_last_id_as_zero(fake: FakeSGLang) -> None:
 @pytest.fixture(scope="module")
 def hidden_fake(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSGLang]:
     server = FakeSGLang(tiny_model, tmp_path_factory.mktemp("logs") / "fake_sglang_hidden.log",
-                        "--context-length", str(CONTEXT), "--enable-return-hidden-states", "--chunked-prefill-size", "-1")
+                        "--context-length", str(CONTEXT), "--enable-return-hidden-states",
+                        "--chunked-prefill-size", "-1")
     yield server
     server.stop()
 
