@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,14 @@ def f32_diff(got: object, want: object, atol: float = 1e-5) -> tuple[float, floa
     got_a, want_a = (np.asarray(x.detach() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
                      for x in (got, want))
     return float(np.abs(got_a - want_a).max(initial=0.0)), f32_tol(np.abs(want_a).max(initial=0.0), atol)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Until `condition()` holds, polling every 0.1 s; fails naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f}s waiting for {what}"
+        time.sleep(0.1)
 
 
 def pytest_configure(config: pytest.Config) -> None:

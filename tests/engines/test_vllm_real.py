@@ -26,11 +26,10 @@ from real import (
     steps_logged,
     teacher_on,
     trainer,
-    wait_for,
     write_run,
 )
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, free_port, wait_for
 from shared import codec
 from shared.protocol import ScoreResponse
 from teacher_server.backends.base import TOPK_MASS_BOUND

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_for
 
 
 def _train(*sets: str, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -160,13 +159,6 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _wait_for(what: str, ready: Callable[[], bool], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_sigterm_ends_the_run_and_its_local_teacher(task_models, tmp_path: Path) -> None:
     """`kill` on a run that started its own teacher: the run stops as on Ctrl-C and the teacher with it;
     under Python's default SIGTERM the trainer vanished without unwinding and left its teacher running."""
@@ -178,13 +170,13 @@ def test_sigterm_ends_the_run_and_its_local_teacher(task_models, tmp_path: Path)
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TRB_API_KEY": ""})
     metrics, teachers = tmp_path / "run" / "metrics.jsonl", []
     try:
-        _wait_for("the first step", lambda: metrics.exists() and '"loss"' in metrics.read_text())
+        wait_for(lambda: metrics.exists() and '"loss"' in metrics.read_text(), 120, "the first step")
         teachers = [p for p in _children(proc.pid) if b"teacher_server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(teachers) == 1
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1 and "interrupted; the last checkpoint is intact" in err, err
-        _wait_for("the local teacher to exit", lambda: not Path(f"/proc/{teachers[0]}").exists(), 60)
+        wait_for(lambda: not Path(f"/proc/{teachers[0]}").exists(), 60, "the local teacher to exit")
     finally:
         proc.kill()
         for pid in teachers:  # an orphan of a failed run must not outlive the test
