@@ -1,4 +1,6 @@
-"""The soak of `bench/soak.py`, for 60 seconds: faults at random, every answer checked, nothing unexpected."""
+"""The soak of `bench/soak.py` for 30 seconds, a fault every 2 s on average (faults come one at a time, so
+a hang waiting out the watchdog leaves room for a few): every answer checked, nothing unexpected. The hour-long
+soak and its figures are in docs/performance.md."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_a_minute_of_faults_leaves_every_answer_exact(tmp_path: Path) -> None:
+def test_half_a_minute_of_faults_leaves_every_answer_exact(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--minutes", "1", "--fault-every", "4",
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--minutes", "0.5", "--fault-every", "2",
                           "--trainers", "1", "--lights", "1", "--json", str(out)],
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                          timeout=900)
