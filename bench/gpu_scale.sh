@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/gpu-scale}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRANSFORMERS_VERBOSITY=error
 if [ -d .wheels ]; then
-  python -m pip install -q --no-index --find-links .wheels fastapi uvicorn httpx msgpack pydantic-settings \
+  python -m pip install -q --no-index --find-links .wheels fastapi uvicorn httpx msgpack pysimdjson pydantic-settings \
     prometheus-client pyyaml rich pytest pytest-asyncio hypothesis 2>&1 | tail -3
 fi
 python -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0))" \

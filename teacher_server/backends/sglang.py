@@ -253,13 +253,13 @@ class SGLangBackend(Backend):
 
 def hidden_rows(meta: MetaInfo, length: int, start: int) -> np.ndarray:
     """Positions start..L-1 of the prefill's hidden rows, which cover the computed positions cached..L-1."""
-    prefill = (meta.hidden_states or [None])[0]
+    prefill = meta.hidden
     computed = length - meta.cached_tokens
     if prefill is None or len(prefill) != computed or computed < length - start:
         got = "no hidden states" if prefill is None else f"{len(prefill)} hidden rows"
         raise SGLangError(f"SGLang returned {got} for a prompt of {length} tokens with {meta.cached_tokens} cached "
                           f"and start {start}; expected {computed} rows (is chunked prefill off?)")
-    return np.asarray(prefill[computed - (length - start):], dtype=np.float32)
+    return prefill[computed - (length - start):]
 
 
 def _stacked(scores: list[SequenceScores]) -> StepArrays:

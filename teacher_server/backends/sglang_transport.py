@@ -13,7 +13,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pydantic import BaseModel, TypeAdapter
+import numpy as np
+import simdjson
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from teacher_server.backends.engine_http import call, connect, error_message
 
@@ -31,6 +33,8 @@ class SGLangError(RuntimeError):
 class MetaInfo(BaseModel):
     """The part of SGLang's `meta_info` we read (pydantic ignores the rest)."""
 
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     prompt_tokens: int
     cached_tokens: int = 0
     input_token_logprobs: list[Entry] = []
@@ -38,7 +42,9 @@ class MetaInfo(BaseModel):
     output_top_logprobs: Rows = []
     input_token_ids_logprobs: Rows = []
     output_token_ids_logprobs: Rows = []
-    hidden_states: list[list[list[float]]] | None = None  # [prefill rows (computed positions) x H, decode rows...]
+    # The prefill's hidden rows, (computed positions, H) float32: the first entry of SGLang's `hidden_states`
+    # ([prefill rows, decode rows...]); None where the call did not ask for them.
+    hidden: np.ndarray | None = None
 
 
 class _Output(BaseModel):
@@ -46,13 +52,61 @@ class _Output(BaseModel):
 
 
 _OUTPUTS = TypeAdapter(list[_Output])
+_SMALL_FIELDS = [name for name in MetaInfo.model_fields if name != "hidden"]
 
 
 def _validated(raw: Any, n: int, from_json: bool) -> list[MetaInfo]:
     outs = _OUTPUTS.validate_json(raw) if from_json else _OUTPUTS.validate_python(raw)
     if len(outs) != n:
         raise SGLangError(f"SGLang answered {len(outs)} results for a batch of {n}")
+    if not from_json:  # the in-process Engine's answer: Python lists (or tensors) where HTTP has JSON
+        for out, meta in zip(raw, (o.meta_info for o in outs), strict=True):
+            rows = (out["meta_info"].get("hidden_states") or [None])[0]
+            meta.hidden = None if rows is None else np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
     return [o.meta_info for o in outs]
+
+
+def with_hidden_rows(raw: bytes, n: int) -> list[MetaInfo]:
+    """An answer that carries hidden states, parsed with simdjson: the rows go from the JSON text straight
+    into one float buffer (`as_buffer`), never through a Python float each.
+
+    Why not pydantic as for the rest: the rows are nearly all of the answer (H floats per position, 128
+    for the shipped teacher, thousands for real models), and a Python float per number took 1.8-2.2x the
+    CPU of the buffer (`bench/bench_sglang_parse.py`). The small fields still go through `MetaInfo`.
+    """
+    try:
+        outs = simdjson.Parser().parse(raw)
+    except ValueError as exc:
+        raise SGLangError(f"SGLang's /generate answer is not JSON: {exc}") from exc
+    if not isinstance(outs, simdjson.Array) or len(outs) != n:
+        got = len(outs) if isinstance(outs, simdjson.Array) else "no list of"
+        raise SGLangError(f"SGLang answered {got} results for a batch of {n}")
+    metas = []
+    for out in outs:
+        info = out.get("meta_info") if isinstance(out, simdjson.Object) else None
+        if info is None:
+            raise SGLangError("SGLang answered a result without meta_info")
+        small = {k: v.as_list() if isinstance(v, simdjson.Array) else v
+                 for k in _SMALL_FIELDS if (v := info.get(k)) is not None}
+        meta = MetaInfo.model_validate(small)
+        hidden = info.get("hidden_states")
+        meta.hidden = _rows(hidden[0]) if isinstance(hidden, simdjson.Array) and len(hidden) else None
+        metas.append(meta)
+    return metas
+
+
+def _rows(rows: Any) -> np.ndarray:
+    """A JSON array of equal-length number arrays as a (rows, width) float32 array."""
+    if not isinstance(rows, simdjson.Array) or not all(isinstance(row, simdjson.Array) for row in rows):
+        raise SGLangError("SGLang's hidden states are not a list of rows")
+    width = len(rows[0]) if len(rows) else 0
+    if any(len(row) != width for row in rows):  # as_buffer would flatten ragged rows without a word
+        raise SGLangError("SGLang's hidden-state rows are not all the same length")
+    try:
+        flat = np.frombuffer(rows.as_buffer(of_type="d"), dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # a null (orjson's NaN/inf) or a number out of range
+        raise SGLangError(f"SGLang returned a hidden state that is not a finite number ({exc})") from exc
+    return flat.astype(np.float32).reshape(len(rows), width)
 
 
 @dataclass(frozen=True)
@@ -153,6 +207,8 @@ class HTTPTransport:
         resp = call(self.client, "POST", "/generate", "SGLang", json=request.payload())
         if resp.status_code != 200:
             raise SGLangError(f"SGLang /generate answered {resp.status_code}: {error_message(resp)}")
+        if request.return_hidden_states:
+            return with_hidden_rows(resp.content, len(request.input_ids))
         return _validated(resp.content, len(request.input_ids), from_json=True)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from teacher_server.backends.sglang import (
     TOPK_MASS_BOUND,
     as_reported,
     chunks,
+    hidden_rows,
     sequence_scores,
     tail_from_top,
 )
@@ -26,6 +27,7 @@ from teacher_server.backends.sglang_transport import (
     error_message,
     max_prompt_len,
     resolve_dtype,
+    with_hidden_rows,
 )
 from teacher_server.settings import ServerSettings
 
@@ -108,3 +110,38 @@ def test_cli_never_prints_the_sglang_key(tiny_model: Path) -> None:
                           text=True, timeout=60)
     assert proc.returncode != 0 and "only a server at sglang_url takes an API key" in proc.stderr
     assert "zq9x" not in proc.stderr + proc.stdout  # pydantic's message shows the input (the key's start)
+
+
+def _answer(rows: str, n: int = 1) -> bytes:
+    one = '{"text": "", "meta_info": {"prompt_tokens": 2, "cached_tokens": 0, "hidden_states": [%s], ' \
+          '"input_token_logprobs": [[null, 5, null], [-0.25, 6, null]]}}' % rows
+    return ("[" + ", ".join([one] * n) + "]").encode()
+
+
+def test_hidden_rows_parse_into_one_float32_array_beside_the_small_fields() -> None:
+    metas = with_hidden_rows(_answer("[[0.5, -1e-3, 3], [4, 5.25, -6e10]]", n=2), 2)
+    assert len(metas) == 2 and metas[0].prompt_tokens == 2 and metas[0].input_token_logprobs[1] == (-0.25, 6, None)
+    want = np.array([[0.5, -1e-3, 3], [4, 5.25, -6e10]], np.float32)
+    assert metas[1].hidden.dtype == np.float32 and np.array_equal(metas[1].hidden, want)
+    assert hidden_rows(metas[0], length=2, start=1).tolist() == want[1:].tolist()
+    assert with_hidden_rows(_answer("[]").replace(b', "hidden_states": [[]]', b""), 1)[0].hidden is None
+
+
+@pytest.mark.parametrize(("rows", "says"), [
+    ("[[1, 2], [3]]", "not all the same length"),  # a flat buffer would hide it: 3 numbers for 2 rows
+    ("[[1, null]]", "not a finite number"),  # orjson writes NaN and inf as null
+    ("[[1, true]]", "not a finite number"),
+    ("[1, 2]", "not a list of rows"),
+])
+def test_malformed_hidden_rows_are_errors_that_say_what(rows: str, says: str) -> None:
+    with pytest.raises(SGLangError, match=says):
+        with_hidden_rows(_answer(rows), 1)
+
+
+def test_an_answer_of_the_wrong_shape_is_an_error() -> None:
+    with pytest.raises(SGLangError, match="answered 2 results for a batch of 3"):
+        with_hidden_rows(_answer("[[1]]", n=2), 3)
+    with pytest.raises(SGLangError, match="not JSON"):
+        with_hidden_rows(b"[{", 1)
+    with pytest.raises(SGLangError, match="without meta_info"):
+        with_hidden_rows(b'[{"text": ""}]', 1)
