@@ -3,7 +3,9 @@ to the engine's own HTTP API, alternating in one run.
 
 The work: 32 arithmetic sequences (about 1,100 tokens), the top-20 at every position. Straight to the engine
 that is vLLM's `/v1/completions` with `prompt_logprobs: 20` (what a vLLM user sends for it) and SGLang's
-`/generate` with `top_logprobs_num: 20` from position 0. Through our teacher, /v1/score (msgpack), which
+`/generate` with `top_logprobs_num: 20` from position 0, the input top-k as flat base64 arrays
+(`return_flat_raw_top_logprobs_b64`, its fastest form, the one the teacher asks for; a row without a target
+shows what SGLang's default nested JSON costs instead). Through our teacher, /v1/score (msgpack), which
 talks to a vLLM generate server, a vLLM pooling runner (hidden states, exact), SGLang with hidden states
 (exact), or a second SGLang launched without them, which the teacher asks for the same top-20 as the direct
 call (its tail bounded): that row is the proxy's own cost, the exact rows add the price of the exact tail.
@@ -46,6 +48,7 @@ TOP_K = 20
 TARGET = "<= 1.15"
 SPLIT = ("--max-batch-tokens", "1024")  # the old default budget: this request in two engine calls
 OLD = " ".join(SPLIT) + ": "  # the name of a row at that budget
+NESTED = "the same /generate with the top-k as nested JSON"  # SGLang's default form: no target
 
 
 def missing_engines() -> list[str]:
@@ -130,7 +133,7 @@ def add_rows(section: Section, times: dict[str, list[float]], baseline: str) -> 
     for name, ts in times.items():
         if name != baseline:
             section.add(f"{name} / {baseline}", f"{spread(ts)} vs {spread(times[baseline])}",
-                        statistics.median(ts) / base, "" if name.startswith(OLD) else TARGET)
+                        statistics.median(ts) / base, "" if name.startswith(OLD) or name == NESTED else TARGET)
 
 
 def run(threads: int = 1, quick: bool = False) -> Section:
@@ -141,14 +144,15 @@ def run(threads: int = 1, quick: bool = False) -> Section:
     section = Section(f"7. The teacher in front of a real engine: top-{TOP_K} of {len(seqs)} sequences ({tokens} "
                       "tokens)", f"Medians of {rounds} alternating rounds; engines float32 on this CPU, each from "
                       "its own venv (SGLang with --sleep-on-idle); the baseline is vLLM's /v1/completions "
-                      "(prompt_logprobs 20) or SGLang's /generate (top_logprobs_num 20); teachers at their default "
-                      "budget send the request whole, one engine call; `--max-batch-tokens 1024` (the old default) "
-                      "cuts it into two.")
+                      "(prompt_logprobs 20) or SGLang's /generate (top_logprobs_num 20, flat base64 top-k); "
+                      "teachers at their default budget send the request whole, one engine call; "
+                      "`--max-batch-tokens 1024` (the old default) cuts it into two.")
     logs = REPO / "runs" / "bench-engine-proxy"
     logs.mkdir(parents=True, exist_ok=True)
     completions = {"model": MODEL, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": TOP_K}
-    generate = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
-                "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": TOP_K}
+    nested = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+              "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": TOP_K}
+    generate = {**nested, "return_flat_raw_top_logprobs": True, "return_flat_raw_top_logprobs_b64": True}
     if vllm_engine.venv_python() is None:
         section.add("vLLM: venv missing (scripts/engines/vllm.sh)", "-")
     else:
@@ -176,6 +180,7 @@ def run(threads: int = 1, quick: bool = False) -> Section:
             with httpx.Client(base_url=sgl.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t, \
                     httpx.Client(base_url=url2, timeout=600) as t2:
                 times = alternate({"SGLang /generate": lambda: post(direct, "/generate", json=generate),
+                                   NESTED: lambda: post(direct, "/generate", json=nested),
                                    "teacher on SGLang, hidden states (exact)": teacher_call(t, seqs),
                                    OLD + "teacher on SGLang, hidden states (exact)": teacher_call(t2, seqs)},
                                   rounds)
@@ -190,6 +195,7 @@ def run(threads: int = 1, quick: bool = False) -> Section:
             with httpx.Client(base_url=topk.url, timeout=600) as direct, httpx.Client(base_url=url, timeout=600) as t:
                 base = "SGLang /generate (no hidden states)"
                 times = alternate({base: lambda: post(direct, "/generate", json=generate),
+                                   NESTED: lambda: post(direct, "/generate", json=nested),
                                    "teacher on SGLang, top-k (bounded tail)": teacher_call(t, seqs)}, rounds)
             add_rows(section, times, base)
         finally:

@@ -14,7 +14,10 @@ request. `--api-key` guards every route but /health* and /ready; /health answers
 are refused unless launched with `--enable-return-hidden-states`; then `meta_info.hidden_states[0]` holds
 one row (the final norm's output, the lm_head's input) per position the prefill computed, positions
 cached_tokens..L-1, then one row per later decode step. /server_info reports the flag and
-`chunked_prefill_size` (the fake never chunks; a real SGLang drops middle chunks' rows).
+`chunked_prefill_size` (the fake never chunks; a real SGLang drops middle chunks' rows). With
+`return_flat_raw_top_logprobs` the input top-k comes as flat arrays after a count of leading null rows
+instead of `input_top_logprobs`, as JSON lists or, with `return_flat_raw_top_logprobs_b64`, as base64
+float32 and int32 (the b64 flag alone is a 400); the output top-k stays nested.
 
 It is stricter than SGLang in one way: any `sampling_params` key other than max_new_tokens and
 temperature is a 400 (SGLang's answer to unknown keys), so a backend that starts sending e.g. top_p
@@ -27,11 +30,13 @@ fails here instead of silently passing.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -167,7 +172,8 @@ class FakeSGLang:
         return dict(ids=ids, L=L, s=s, k=k, n_new=n_new, temperature=temperature, token_ids=token_ids,
                     sampling_params=sent)
 
-    def run(self, it: dict[str, Any], return_logprob: bool, return_hidden: bool = False) -> dict[str, Any]:
+    def run(self, it: dict[str, Any], return_logprob: bool, return_hidden: bool = False,
+            flat: str | None = None) -> dict[str, Any]:
         ids, L, s, k, token_ids = it["ids"], it["L"], it["s"], it["k"], it["token_ids"]
         cached = min(self.cache.match(ids), L - 1, s if return_logprob else L - 1)
         lp_L_V = self.logprobs(ids)  # prompt logprobs are raw: no temperature
@@ -180,7 +186,8 @@ class FakeSGLang:
             meta["input_token_logprobs"] = [[None if p == s else _lp(float(lp_L_V[p - 1, ids[p]])),
                                              ids[p] if ids[p] < last else 0, None] for p in rows]
             if k > 0:
-                meta["input_top_logprobs"] = [None if p == s else _top(lp_L_V[p - 1], k) for p in rows]
+                top = [None if p == s else _top(lp_L_V[p - 1], k) for p in rows]
+                meta.update(_flat_fields(top, k, flat == "b64") if flat else {"input_top_logprobs": top})
             if token_ids is not None:
                 meta["input_token_ids_logprobs"] = [None if p == s else _by_ids(lp_L_V[p - 1], token_ids)
                                                     for p in rows]
@@ -216,6 +223,24 @@ class FakeSGLang:
         return out
 
 
+def _flat_fields(top: list[list[list] | None], k: int, b64: bool) -> dict[str, Any]:
+    """The input top-k in SGLang's flat format (`return_flat_raw_top_logprobs`, tokenizer_manager.py's
+    `_build_flat_top_logprobs_fields`): the leading null rows counted, then [rows, k] values and ids,
+    as JSON lists or (with `_b64`) base64 of little-endian float32 and int32."""
+    nulls = next((i for i, row in enumerate(top) if row), len(top))
+    rows = top[nulls:]
+    values = [-math.inf if e[0] is None else e[0] for row in rows for e in row]  # the arrays keep -inf
+    ids = [e[1] for row in rows for e in row]
+    shape = {"input_top_logprobs_shape": [len(rows), len(rows[0]) if rows else k],
+             "input_top_logprobs_null_prefix": nulls}
+    if not b64:
+        return {"input_top_logprobs_val_flat": values, "input_top_logprobs_idx_flat": ids, **shape}
+    return {"input_top_logprobs_val_flat_b64": base64.b64encode(np.asarray(values, "<f4").tobytes()).decode(),
+            "input_top_logprobs_idx_flat_b64": base64.b64encode(np.asarray(ids, "<i4").tobytes()).decode(),
+            "input_top_logprobs_val_flat_b64_dtype": "float32", "input_top_logprobs_idx_flat_b64_dtype": "int32",
+            **shape}
+
+
 def _per_item(value: Any, n: int, default: Any, is_list: bool = False) -> list[Any]:
     """SGLang takes one value for the whole batch or a list with one value per item."""
     if value is None:
@@ -240,11 +265,16 @@ def generate_response(fake: FakeSGLang, body: dict[str, Any]) -> Any:
     token_ids = _per_item(body.get("token_ids_logprob"), n, None, is_list=True)
     ret = _per_item(body.get("return_logprob"), n, False)
     hidden = bool(body.get("return_hidden_states"))
+    flat = "b64" if body.get("return_flat_raw_top_logprobs_b64") else "lists" if body.get(
+        "return_flat_raw_top_logprobs") else None
+    if flat == "b64" and not body.get("return_flat_raw_top_logprobs"):
+        raise BadRequest("return_flat_raw_top_logprobs_b64 requires return_flat_raw_top_logprobs "
+                         "or return_flat_raw_output_top_logprobs.")
     if hidden and not fake.options.enable_return_hidden_states:
         raise BadRequest("The server is not configured to return the hidden states. Please set "
                          "`--enable-return-hidden-states` to enable this feature.")
     checked = [fake.item(*args) for args in zip(items, sps, starts, ks, token_ids, strict=True)]
-    outs = [fake.run(it, bool(r), hidden) for it, r in zip(checked, ret, strict=True)]
+    outs = [fake.run(it, bool(r), hidden, flat) for it, r in zip(checked, ret, strict=True)]
     return outs if batch else outs[0]
 
 

@@ -25,6 +25,7 @@ ids[:s+i]. For positions start..L-1 (n = L - start rows) we send s = start and r
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -83,6 +84,37 @@ def _by_id(rows: Rows, token_ids: list[int]) -> np.ndarray:
     return out
 
 
+def _flat_input_top(meta: MetaInfo, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and logprobs of positions start..L-2 from the flat base64 input top-k: entry 0 (null) is the
+    one leading null position, then one [k] row per entry 1..n-1 (SGLang's `_build_flat_top_logprobs_fields`)."""
+    shape, nulls = meta.input_top_logprobs_shape, meta.input_top_logprobs_null_prefix
+    dtypes = (meta.input_top_logprobs_val_flat_b64_dtype, meta.input_top_logprobs_idx_flat_b64_dtype)
+    if shape != (n - 1, k) or nulls != 1 or dtypes != ("float32", "int32"):
+        raise SGLangError(f"SGLang's flat input top-k is {shape} {dtypes} after {nulls} null rows; expected "
+                          f"({n - 1}, {k}) float32/int32 after 1")
+    try:
+        lp = np.frombuffer(base64.b64decode(meta.input_top_logprobs_val_flat_b64 or "", validate=True), "<f4")
+        ids = np.frombuffer(base64.b64decode(meta.input_top_logprobs_idx_flat_b64 or "", validate=True), "<i4")
+    except ValueError as exc:  # bad base64, or a byte count that is not a whole number of values
+        raise SGLangError(f"SGLang's flat input top-k does not decode: {exc}") from exc
+    if lp.size != (n - 1) * k or ids.size != lp.size:
+        raise SGLangError(f"SGLang's flat input top-k holds {lp.size} values and {ids.size} ids for "
+                          f"{n - 1} x {k}")
+    return ids.reshape(n - 1, k), lp.reshape(n - 1, k)
+
+
+def _top_rows(meta: MetaInfo, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) top-k ids and logprobs of positions start..L-1, from the flat input arrays when SGLang sent
+    them (it falls back to nested lists when it cannot make them) and the nested output row."""
+    if meta.input_top_logprobs_shape is None:
+        return _topk(_positions(meta, "top_logprobs", n), k)
+    ids, lp = _flat_input_top(meta, n, k)
+    last_ids, last_lp = _topk(meta.output_top_logprobs[:1], k)
+    if len(last_ids) != 1:
+        raise SGLangError("SGLang returned no output top-k row for the last position")
+    return np.concatenate([ids, last_ids]), np.concatenate([lp, last_lp])
+
+
 def _positions(meta: MetaInfo, field: str, n: int) -> Rows:
     """Rows for positions start..L-1: input entries 1..n-1, then output entry 0 (the module docstring)."""
     rows = getattr(meta, f"input_{field}")[1:] + getattr(meta, f"output_{field}")[:1]
@@ -111,7 +143,7 @@ def sequence_scores(meta: MetaInfo, seq: list[int], start: int, top_k: int,
                           "prompt_tokens means SGLang truncated it, as with --allow-auto-truncate)")
     if [e[1] for e in inputs] != as_reported(seq[start:], vocab_size):
         raise SGLangError("SGLang's input entries are not about the tokens sent: alignment is off")
-    top_ids, top_lp = _topk(_positions(meta, "top_logprobs", n) if top_k else [[]] * n, top_k)
+    top_ids, top_lp = _top_rows(meta, n, top_k) if top_k else _topk([[]] * n, 0)
     token_lp = None if token_ids is None else _by_id(
         _positions(meta, "token_ids_logprobs", n) if token_ids else [[]] * n, token_ids)
     return SequenceScores(start=start, top_ids=top_ids, top_logprobs=top_lp, tail_logprob=tail_from_top(top_lp),

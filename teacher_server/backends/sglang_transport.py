@@ -40,6 +40,14 @@ class MetaInfo(BaseModel):
     input_token_logprobs: list[Entry] = []
     input_top_logprobs: Rows = []
     output_top_logprobs: Rows = []
+    # The input top-k as flat base64 arrays (`return_flat_raw_top_logprobs_b64`), which replace the nested
+    # `input_top_logprobs`: [rows, k] float32 values and int32 ids after `null_prefix` null positions.
+    input_top_logprobs_val_flat_b64: str | None = None
+    input_top_logprobs_idx_flat_b64: str | None = None
+    input_top_logprobs_val_flat_b64_dtype: str = "float32"
+    input_top_logprobs_idx_flat_b64_dtype: str = "int32"
+    input_top_logprobs_shape: tuple[int, int] | None = None
+    input_top_logprobs_null_prefix: int = 0
     input_token_ids_logprobs: Rows = []
     output_token_ids_logprobs: Rows = []
     # The prefill's hidden rows, (computed positions, H) float32: the first entry of SGLang's `hidden_states`
@@ -122,11 +130,16 @@ class GenerateCall:
     def payload(self) -> dict[str, Any]:
         """The body. temperature 1.0 is explicit: output logprobs (our last position) are taken after
         temperature, and an SGLang started with --preferred-sampling-params fills in the keys a request
-        leaves out (native /generate ignores generation_config; its own default is 1.0)."""
+        leaves out (native /generate ignores generation_config; its own default is 1.0). The input
+        top-k comes back flat and base64-encoded (SGLang >= 0.5.19, `srt/managers/io_struct.py`), which
+        costs the teacher a base64 decode instead of a parsed triple per entry; the output side's flat
+        form needs 0.5.22, and it is one row per sequence, so it stays nested."""
         body: dict[str, Any] = {
             "input_ids": self.input_ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
             "return_logprob": True, "logprob_start_len": self.logprob_start_len,
             "top_logprobs_num": self.top_logprobs_num}
+        if self.top_logprobs_num:  # the input top-k as two base64 arrays, not a JSON triple per entry
+            body.update(return_flat_raw_top_logprobs=True, return_flat_raw_top_logprobs_b64=True)
         if self.token_ids_logprob:
             body["token_ids_logprob"] = self.token_ids_logprob
         if self.return_hidden_states:

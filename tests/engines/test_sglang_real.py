@@ -183,6 +183,11 @@ def test_the_top_k_path_keeps_its_tail_within_the_bound(engine: Engine, hf_teach
         ref = scores(hf_teacher.url, {"sequences": seqs, "top_k": 20}).results
         for a, b in zip(ours, ref, strict=True):
             assert np.abs(np.exp(a.tail_logprob) - np.exp(b.tail_logprob)).max() <= TOPK_MASS_BOUND
+            assert np.array_equal(a.top_ids[:, 0], b.top_ids[:, 0])
+            assert np.abs(a.top_logprobs - b.top_logprobs).max() <= TOL
+        # and the input top-k came as SGLang's flat base64 arrays, not the nested lists
+        meta = backend.transport.generate(sglang_transport.GenerateCall([seqs[0]], [0], 20))[0]
+        assert meta.input_top_logprobs_shape == (len(seqs[0]) - 1, 20) and meta.input_top_logprobs == []
     finally:
         backend.close()
 

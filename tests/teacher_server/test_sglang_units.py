@@ -145,3 +145,38 @@ def test_an_answer_of_the_wrong_shape_is_an_error() -> None:
         with_hidden_rows(b"[{", 1)
     with pytest.raises(SGLangError, match="without meta_info"):
         with_hidden_rows(b'[{"text": ""}]', 1)
+
+
+def _flat_meta(top: list, k: int, **overrides: object) -> MetaInfo:
+    """A meta_info whose input top-k is in SGLang's flat base64 form (the fake's encoder builds it)."""
+    from fake_sglang import _flat_fields
+
+    fields = {"prompt_tokens": 3, "input_token_logprobs": [[None, 5, None], [-1.5, 47, None], [-2.0, 6, None]],
+              "output_top_logprobs": [[[-0.1, 3, None], [-4.0, 9, None]]], **_flat_fields(top, k, b64=True)}
+    return MetaInfo(**{**fields, **overrides})
+
+
+def test_the_flat_base64_top_k_scores_as_the_nested_lists_do() -> None:
+    top = [None, [[-1.5, 47, None], [-2.5, 8, None]], [[-2.0, 6, None], [None, 7, None]]]
+    nested = MetaInfo(prompt_tokens=3, input_token_logprobs=_flat_meta(top, 2).input_token_logprobs,
+                      input_top_logprobs=top, output_top_logprobs=[[[-0.1, 3, None], [-4.0, 9, None]]])
+    want = sequence_scores(nested, [5, 47, 6], 0, 2, None, vocab_size=49)
+    got = sequence_scores(_flat_meta(top, 2), [5, 47, 6], 0, 2, None, vocab_size=49)
+    assert np.array_equal(got.top_ids, want.top_ids) and np.array_equal(got.top_logprobs, want.top_logprobs)
+    assert got.top_logprobs[1, 1] == -np.inf and np.array_equal(got.tail_logprob, want.tail_logprob)
+    one = _flat_meta([None], 2, input_token_logprobs=[[None, 5, None]], prompt_tokens=1)  # the last position only
+    assert sequence_scores(one, [5], 0, 2, None, vocab_size=49).top_ids.tolist() == [[3, 9]]
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    ({"input_top_logprobs_null_prefix": 0}, "after 0 null rows"),
+    ({"input_top_logprobs_shape": (2, 1)}, r"is \(2, 1\)"),
+    ({"input_top_logprobs_val_flat_b64_dtype": "bfloat16"}, "bfloat16"),
+    ({"input_top_logprobs_val_flat_b64": "not base64!"}, "does not decode"),
+    ({"input_top_logprobs_idx_flat_b64": "AAAAAA=="}, "holds 4 values and 1 ids"),
+    ({"output_top_logprobs": []}, "no output top-k row"),
+])
+def test_a_malformed_flat_top_k_is_an_error_that_says_what(overrides: dict, says: str) -> None:
+    top = [None, [[-1.5, 47, None], [-2.5, 8, None]], [[-2.0, 6, None], [-3.0, 7, None]]]
+    with pytest.raises(SGLangError, match=says):
+        sequence_scores(_flat_meta(top, 2, **overrides), [5, 47, 6], 0, 2, None, vocab_size=49)
