@@ -67,10 +67,6 @@ def _validated(raw: Any, n: int, from_json: bool) -> list[MetaInfo]:
     outs = _OUTPUTS.validate_json(raw) if from_json else _OUTPUTS.validate_python(raw)
     if len(outs) != n:
         raise SGLangError(f"SGLang answered {len(outs)} results for a batch of {n}")
-    if not from_json:  # the in-process Engine's answer: Python lists (or tensors) where HTTP has JSON
-        for out, meta in zip(raw, (o.meta_info for o in outs), strict=True):
-            rows = (out["meta_info"].get("hidden_states") or [None])[0]
-            meta.hidden = None if rows is None else np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
     return [o.meta_info for o in outs]
 
 
