@@ -101,11 +101,14 @@ def with_hidden_rows(raw: bytes, n: int) -> list[MetaInfo]:
 
 def _rows(rows: Any) -> np.ndarray:
     """A JSON array of equal-length number arrays as a (rows, width) float32 array."""
-    if not isinstance(rows, simdjson.Array) or not all(isinstance(row, simdjson.Array) for row in rows):
+    if not isinstance(rows, simdjson.Array):
         raise SGLangError("SGLang's hidden states are not a list of rows")
-    width = len(rows[0]) if len(rows) else 0
-    if any(len(row) != width for row in rows):  # as_buffer would flatten ragged rows without a word
+    widths = {len(row) if isinstance(row, simdjson.Array) else -1 for row in rows}  # one pass; -1: not a row
+    if -1 in widths:
+        raise SGLangError("SGLang's hidden states are not a list of rows")
+    if len(widths) > 1:  # as_buffer would flatten ragged rows without a word
         raise SGLangError("SGLang's hidden-state rows are not all the same length")
+    width = widths.pop() if widths else 0
     try:
         flat = np.frombuffer(rows.as_buffer(of_type="d"), dtype=np.float64)
     except (TypeError, ValueError) as exc:  # a null (orjson's NaN/inf) or a number out of range
