@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="uniform mass mixed into the SFT target: an under-confident model whose samples stray")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--eval-seed", type=int, default=0)
@@ -75,7 +77,7 @@ task (`student_trainer/tasks/arithmetic.py`), character-level tokenizer
 
 - Parameters: {info["parameters"]:,} ({shape})
 - Task difficulty: `{json.dumps(info["difficulty"])}`
-- Training: {info["steps"]} steps x batch {info["batch_size"]}, lr {info["lr"]}, seed {info["seed"]}
+- Training: {info["steps"]} steps x batch {info["batch_size"]}, lr {info["lr"]}, seed {info["seed"]}, label smoothing {info.get("label_smoothing", 0.0)}
 - Training time: {info["train_seconds"]:.0f} s wall, {info["train_cpu_seconds"]:.0f} s CPU, on {info["machine"]}
 
 ## Greedy pass@1 (test split, seed {info["eval_seed"]}, first n problems)
@@ -101,7 +103,8 @@ def main() -> None:
     tokenizer = build_tokenizer()
     shape = PRESETS[args.preset]
     model = build_model(tokenizer, shape, seed=args.seed)
-    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed)
+    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                    label_smoothing=args.label_smoothing)
     n_params = count_parameters(model)
     print(f"{args.preset}: {n_params:,} parameters, difficulty {difficulty}")
     n_train = cfg.steps * cfg.batch_size
@@ -125,6 +128,7 @@ def main() -> None:
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
         "seed": cfg.seed,
+        "label_smoothing": cfg.label_smoothing,
         "train_seconds": train_seconds,
         "train_cpu_seconds": cpu_seconds,
         "machine": machine(),

@@ -55,6 +55,7 @@ class SFTConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    label_smoothing: float = 0.0  # > 0 trains an under-confident model (mass spread over the vocabulary)
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, shape: ModelShape, seed: int = 0) -> PreTrainedModel:
@@ -118,15 +119,20 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sft_loss(model: PreTrainedModel, input_ids_B_T: torch.Tensor, labels_B_T: torch.Tensor) -> torch.Tensor:
+def sft_loss(
+    model: PreTrainedModel, input_ids_B_T: torch.Tensor, labels_B_T: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (solution + EOS) positions.
 
     No attention mask is needed: padding is on the right, so causal attention never lets a real
-    token see a pad.
+    token see a pad. `label_smoothing` mixes the one-hot target with a uniform one over the
+    vocabulary: a model trained so keeps its argmax but samples far from it (a student whose own
+    rollouts are poor while its mass on the right token is not small).
     """
     logits_B_T_V = model(input_ids=input_ids_B_T).logits
     return torch.nn.functional.cross_entropy(
-        logits_B_T_V[:, :-1].flatten(0, 1).float(), labels_B_T[:, 1:].flatten(), ignore_index=IGNORE
+        logits_B_T_V[:, :-1].flatten(0, 1).float(), labels_B_T[:, 1:].flatten(), ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -158,7 +164,7 @@ def train(
         input_ids_B_T, labels_B_T = encode_batch(tokenizer, batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = sft_loss(model, input_ids_B_T, labels_B_T)
+        loss = sft_loss(model, input_ids_B_T, labels_B_T, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -14,7 +16,7 @@ from student_trainer.tasks.arithmetic import (
     split_of,
     verify,
 )
-from student_trainer.tasks.base_model import IGNORE, encode_batch
+from student_trainer.tasks.base_model import IGNORE, ModelShape, build_model, encode_batch, sft_loss
 from student_trainer.tasks.tokenizer import build_tokenizer
 
 
@@ -129,3 +131,21 @@ def test_sft_batch_scores_solution_and_eos_only() -> None:
         assert labels_B_T[row, n_prompt + n_solution - 1] == tok.eos_token_id
         assert tok.decode(input_ids_B_T[row, : n_prompt + n_solution - 1]) == p.prompt + p.solution
         assert (input_ids_B_T[row, n_prompt + n_solution :] == tok.pad_token_id).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.15])
+def test_sft_loss_label_smoothing_matches_the_mixed_target(alpha: float) -> None:
+    """The smoothed loss is the cross-entropy against (1 - α)·one-hot + α·uniform, over scored positions only."""
+    tok = build_tokenizer()
+    model = build_model(tok, ModelShape(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64), seed=0)
+    input_ids_B_T, labels_B_T = encode_batch(tok, generate(3, seed=1, split="train"))
+    with torch.no_grad():
+        got = sft_loss(model, input_ids_B_T, labels_B_T, label_smoothing=alpha)
+        logp = torch.log_softmax(model(input_ids=input_ids_B_T).logits[:, :-1].float(), -1)
+    labels = labels_B_T[:, 1:]
+    terms = []
+    for b, t in (labels != IGNORE).nonzero().tolist():
+        target = torch.full_like(logp[b, t], alpha / logp.shape[-1])
+        target[labels[b, t]] += 1 - alpha
+        terms.append(-(target * logp[b, t]).sum())
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
