@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ log = logging.getLogger("teacher_server.engine")
 DUMMY = 0  # the id appended to every sequence so that vLLM scores the position after its last token
 NEG_INF_AS = -9999.0  # vLLM writes -inf prompt logprobs as this (JSON has no -inf)
 ENTRY_BUDGET = 1 << 20  # positions x returned logprobs per call: bounds vLLM's detokenizing and our JSON
+_RANK, _LOGPROB = itemgetter("rank"), itemgetter("logprob")
 SESSIONS_REFUSED = "sessions: the vllm backend serves /v1/score only (see docs/vllm.md)"
 
 
@@ -77,17 +80,72 @@ def split_entry(entry: Position, actual: int, k: int) -> tuple[list[int], list[f
     return [r[1] for r in top], [r[2] for r in top], actual_lp
 
 
+class _Unread(Exception):
+    """The bulk reader met something it does not expect; `split_entry` then names the row and the fault."""
+
+
+def _bulk_rows(entries: list[Position], actual: list[int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top_ids [n, k], top_logprobs [n, k], the actual token's logprob [n]) of n entries, read in one pass.
+
+    The same rules as `split_entry`, checked on whole arrays: every entry has k or k + 1 keys, one of them
+    the actual token; the actual token's key is dropped where there are k + 1; what is left fills every
+    rank 1..k of its row exactly once. Reading 30k entries one at a time with a sort each took as long
+    as parsing vLLM's JSON (docs/engines.md#the-proxys-cost).
+    """
+    n = len(entries)
+    sizes = np.fromiter(map(len, entries), np.int64, n)  # TypeError on a null entry
+    if ((sizes != k) & (sizes != k + 1)).any():
+        raise _Unread
+    values = list(chain.from_iterable(map(dict.values, entries)))
+    ids = np.array(list(chain.from_iterable(entries)), np.int64)
+    ranks = np.fromiter(map(_RANK, values), np.int64, len(values))
+    logprobs = np.fromiter(map(_LOGPROB, values), np.float64, len(values))
+    row = np.repeat(np.arange(n), sizes)
+    is_actual = ids == np.repeat(np.asarray(actual, np.int64), sizes)
+    if not np.array_equal(row[is_actual], np.arange(n)):  # keys are unique: at most one hit per row
+        raise _Unread
+    logprobs[logprobs == NEG_INF_AS] = -np.inf
+    keep = ~(is_actual & (sizes == k + 1)[row])  # by id, not rank: a tie at the boundary shares a rank
+    slot = row[keep] * k + ranks[keep] - 1
+    if ((ranks[keep] < 1) | (ranks[keep] > k)).any() or not (np.bincount(slot, minlength=n * k) == 1).all():
+        raise _Unread
+    top_ids, top_lp = np.empty(n * k, np.int32), np.empty(n * k, np.float32)
+    top_ids[slot], top_lp[slot] = ids[keep], logprobs[keep]
+    return top_ids.reshape(n, k), top_lp.reshape(n, k), logprobs[is_actual].astype(np.float32)
+
+
+def answer_scores(answers: list[list[Position]], items: list[tuple[list[int], int]], k: int) -> list[SequenceScores]:
+    """The scores of every (sequence, start) in `items` from the prompt_logprobs vLLM returned for each
+    `sequence + [DUMMY]` (the module docstring), all sequences of one call read together."""
+    entries: list[Position] = []
+    actual: list[int] = []
+    for positions, (seq, start) in zip(answers, items, strict=True):
+        sent = [*seq, DUMMY]
+        if len(positions) != len(sent) or positions[0] is not None:
+            raise VLLMError(f"vLLM returned {len(positions)} prompt_logprobs entries for a prompt of {len(sent)} "
+                            "tokens; expected one per token, the first null")
+        entries += positions[start + 1:]
+        actual += sent[start + 1:]
+    try:
+        top_ids, top_lp, actual_lp = _bulk_rows(entries, actual, k)
+    except (_Unread, KeyError, TypeError, ValueError):
+        for entry, token in zip(entries, actual, strict=True):
+            split_entry(entry, token, k)  # raises the VLLMError that names the first bad entry
+        raise
+    tails = tail_from_top(top_lp)
+    out: list[SequenceScores] = []
+    lo = 0
+    for seq, start in items:
+        hi = lo + len(seq) - start
+        out.append(SequenceScores(start=start, top_ids=top_ids[lo:hi], top_logprobs=top_lp[lo:hi],
+                                  tail_logprob=tails[lo:hi], next_token_logprobs=actual_lp[lo:hi - 1]))
+        lo = hi
+    return out
+
+
 def sequence_scores(positions: list[Position], seq: list[int], start: int, k: int) -> SequenceScores:
     """One sequence's scores from the prompt_logprobs of `seq + [DUMMY]` (the module docstring)."""
-    sent, n = [*seq, DUMMY], len(seq) - start
-    if len(positions) != len(sent) or positions[0] is not None:
-        raise VLLMError(f"vLLM returned {len(positions)} prompt_logprobs entries for a prompt of {len(sent)} "
-                        "tokens; expected one per token, the first null")
-    rows = [split_entry(positions[p + 1], sent[p + 1], k) for p in range(start, len(seq))]
-    top_ids = np.array([r[0] for r in rows], np.int32).reshape(n, k)
-    top_lp = np.array([r[1] for r in rows], np.float32).reshape(n, k)
-    return SequenceScores(start=start, top_ids=top_ids, top_logprobs=top_lp, tail_logprob=tail_from_top(top_lp),
-                          next_token_logprobs=np.array([r[2] for r in rows[:-1]], np.float32))
+    return answer_scores([positions], [(seq, start)], k)[0]
 
 
 def batches(lengths: list[int], width: int) -> Iterator[slice]:
@@ -181,8 +239,7 @@ class VLLMBackend(Backend):
         for part in batches([len(seq) + 1 for seq, _ in items], top_k + 1):
             prompts = [[*seq, DUMMY] for seq, _ in items[part]]
             answers = self.transport.prompt_logprobs(prompts, top_k)
-            out += [sequence_scores(positions, seq, start, top_k)
-                    for positions, (seq, start) in zip(answers, items[part], strict=True)]
+            out += answer_scores(answers, items[part], top_k)
         return out
 
     def open_session(self, sequences: list[list[int]], top_k: int) -> tuple[SessionState, StepArrays]:
