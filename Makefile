@@ -21,10 +21,14 @@ demo: $(STAMP)
 	$(BIN)/python -m student_trainer.demo
 
 # The paper's comparison (not in CI): every method x 5 seeds in the weak-student setting, plus TRB at
-# the budget docs/sweep.md recommends there
+# the budget docs/sweep.md recommends there and the SFT warmup run for the whole budget (cross-entropy on
+# teacher rollouts throughout: sequence-level KD, the loss that moves this student)
 # (recipes/arithmetic/trb-weak.yaml); writes docs/results.md and docs/results.png.
+REPRODUCE_SEEDS ?= 5
 reproduce: $(STAMP)
-	$(BIN)/python scripts/reproduce.py --variant trb_eps2_k200:method.name=trb,method.eps0=2.0,method.horizon=200
+	$(BIN)/python scripts/reproduce.py --seeds $(REPRODUCE_SEEDS) \
+		--variant trb_eps2_k200:method.name=trb,method.eps0=2.0,method.horizon=200 \
+		--variant sft_all:method.name=sft_warmup,method.horizon=600
 
 # The same on the easy setting (the demo's student, recipes/arithmetic/trb.yaml): docs/results-easy.md.
 reproduce-easy: $(STAMP)
