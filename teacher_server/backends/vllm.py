@@ -106,8 +106,9 @@ def _bulk_rows(entries: list[Position], actual: list[int], k: int) -> tuple[np.n
         raise _Unread
     logprobs[logprobs == NEG_INF_AS] = -np.inf
     keep = ~(is_actual & (sizes == k + 1)[row])  # by id, not rank: a tie at the boundary shares a rank
-    slot = row[keep] * k + ranks[keep] - 1
-    if ((ranks[keep] < 1) | (ranks[keep] > k)).any() or not (np.bincount(slot, minlength=n * k) == 1).all():
+    kept_ranks = ranks[keep]
+    slot = row[keep] * k + kept_ranks - 1
+    if ((kept_ranks < 1) | (kept_ranks > k)).any() or not (np.bincount(slot, minlength=n * k) == 1).all():
         raise _Unread
     top_ids, top_lp = np.empty(n * k, np.int32), np.empty(n * k, np.float32)
     top_ids[slot], top_lp[slot] = ids[keep], logprobs[keep]
